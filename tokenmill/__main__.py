@@ -1,0 +1,3 @@
+from tokenmill.launch.cli import main
+
+raise SystemExit(main())

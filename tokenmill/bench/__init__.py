@@ -1,0 +1,1 @@
+"""L3: load generators, trace readers and benchmarks."""

@@ -1,0 +1,197 @@
+"""Batched sampling over the logits of the rows that sample this step.
+
+Order of processing for one row (each stage only runs when some row of the batch needs it):
+non-finite check (a row with NaN/+inf logits fails alone) -> logit_bias -> repetition,
+frequency and presence penalties -> min_tokens (EOS and stop ids masked) -> greedy argmax, or
+temperature -> top_k -> top_p -> min_p -> a draw with the row's own generator.
+
+Seeded rows draw from a ``torch.Generator`` owned by the request (created on first use,
+dropped by ``release``), so a request's text depends only on its seed and its own logits,
+never on what else is in the batch. Logprobs are those of the model's raw distribution
+(``log_softmax`` of the unprocessed logits), with the top ``logprobs`` alternatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.core.request import TokenLogprob
+from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.executor.base import ExecutorOutput
+
+
+@dataclass
+class SamplingRow:
+    """One row of the logits: the request it belongs to and the tokens that condition it."""
+
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+class Sampler:
+    """Stateful only in its per-request generators; ``eos_token_ids`` are masked by min_tokens."""
+
+    def __init__(self, eos_token_ids: Sequence[int], device: torch.device | str = "cpu"):
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = torch.device(device)
+        self._generators: dict[str, torch.Generator] = {}
+        self._shared = torch.Generator(self.device)
+        self._shared.seed()
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> ExecutorOutput:
+        """``logits``: [N, V] float32, row i belongs to ``rows[i]``."""
+        out = ExecutorOutput()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
+        keep = [i for i, ok in enumerate(finite) if ok]
+        for i, ok in enumerate(finite):
+            if not ok:
+                out.errors[rows[i].request_id] = "non-finite logits (NaN or inf)"
+        if not keep:
+            return out
+        if len(keep) < len(rows):
+            logits = logits[keep]  # [N', V]
+            rows = [rows[i] for i in keep]
+        processed = self._process(logits, rows)  # [N', V]
+        tokens = self._choose(processed, rows)
+        for row, tok in zip(rows, tokens, strict=True):
+            out.sampled[row.request_id] = [tok]
+        self._add_logprobs(out, logits, rows, tokens)
+        return out
+
+    # -- logits processors ------------------------------------------------------------------
+
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        needs = [_needs_processing(r.params, len(r.output_token_ids)) for r in rows]
+        if not any(needs):
+            return logits
+        logits = logits.clone()  # [N, V]
+        for i, row in enumerate(rows):
+            if needs[i]:
+                self._process_row(logits[i], row)
+        return logits
+
+    def _process_row(self, row_logits: torch.Tensor, row: SamplingRow) -> None:
+        """In place on one row, ``row_logits``: [V]."""
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()), device=row_logits.device)
+            vals = torch.tensor(list(p.logit_bias.values()), device=row_logits.device)
+            row_logits.index_add_(0, ids, vals.to(row_logits.dtype))
+        if p.repetition_penalty != 1.0:
+            _repetition_penalty(row_logits, row, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            out_ids = torch.tensor(list(row.output_token_ids), device=row_logits.device)
+            counts = torch.bincount(out_ids, minlength=row_logits.shape[0])  # [V]
+            counts = counts.to(row_logits.dtype)
+            row_logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = list(self.eos_token_ids) + list(p.stop_token_ids)
+            banned = [t for t in banned if t < row_logits.shape[0]]
+            row_logits[banned] = float("-inf")
+
+    # -- choosing a token -------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()  # [N]
+        random_idx = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not random_idx:
+            return greedy
+        sub = logits[random_idx]  # [R, V]
+        params = [rows[i].params for i in random_idx]
+        probs = _filtered_probs(sub, params)  # [R, V]
+        noise = self._noise(probs, [rows[i].request_id for i in random_idx], params)  # [R, V]
+        drawn = (probs / noise).argmax(dim=-1).tolist()  # exponential race == multinomial
+        for i, tok in zip(random_idx, drawn, strict=True):
+            greedy[i] = tok
+        return greedy
+
+    def _noise(self, probs: torch.Tensor, ids: list[str], params: list[SamplingParams]):
+        """Exp(1) noise [R, V]; seeded rows draw from their own generator, one row at a time."""
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            shared = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
+            noise[unseeded] = shared.exponential_(generator=self._shared)
+        for i, p in enumerate(params):
+            if p.seed is not None:
+                noise[i].exponential_(generator=self._generator(ids[i], p.seed))
+        return noise.clamp_min_(1e-20)
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(self.device)
+            gen.manual_seed(seed)
+            self._generators[request_id] = gen
+        return gen
+
+    # -- logprobs ---------------------------------------------------------------------------
+
+    def _add_logprobs(self, out: ExecutorOutput, raw: torch.Tensor, rows, tokens) -> None:
+        idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not idx:
+            return
+        logp = torch.log_softmax(raw[idx].float(), dim=-1)  # [L, V]
+        for j, i in enumerate(idx):
+            n = rows[i].params.logprobs
+            top_v, top_i = logp[j].topk(n) if n else (logp[j][:0], logp[j][:0].long())
+            top = list(zip(top_i.tolist(), top_v.tolist(), strict=True))
+            lp = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), top)
+            out.logprobs[rows[i].request_id] = [lp]
+
+
+def _needs_processing(p: SamplingParams, num_output_tokens: int) -> bool:
+    return bool(
+        p.logit_bias
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty
+        or p.frequency_penalty
+        or num_output_tokens < p.min_tokens
+    )
+
+
+def _repetition_penalty(row_logits: torch.Tensor, row: SamplingRow, penalty: float) -> None:
+    """CTRL-style: seen tokens (prompt or output) have positive logits divided, negative
+    multiplied by ``penalty``."""
+    seen = list(row.prompt_token_ids) + list(row.output_token_ids)
+    if not seen:
+        return
+    ids = torch.tensor(seen, device=row_logits.device).unique()  # [S]
+    vals = row_logits[ids]
+    row_logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top_k / top_p / min_p filters; returns probabilities [R, V]."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temps.unsqueeze(1)  # [R, V]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        logits = _top_k_top_p(logits, params)
+    probs = torch.softmax(logits, dim=-1)  # [R, V]
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values  # [R, 1]
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
+    sorted_logits = sorted_logits.masked_fill(rank >= ks.unsqueeze(1), float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    probs = torch.softmax(sorted_logits, dim=-1)  # [R, V]
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each rank
+    sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

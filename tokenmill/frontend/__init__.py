@@ -1,0 +1,1 @@
+"""L3: OpenAI-compatible HTTP frontend (FastAPI)."""

@@ -1,0 +1,1 @@
+"""L1: KV block pool and prefix cache bookkeeping (pure Python, no torch)."""

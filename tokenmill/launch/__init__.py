@@ -1,0 +1,1 @@
+"""L4: CLI, configuration, process spawning and wiring."""

@@ -1,0 +1,1 @@
+"""L2: router core: KV indexer, active sequences, routing policies, queue (pure, no I/O)."""

@@ -1,0 +1,1 @@
+"""L1: transports and discovery behind one client interface (in-process and networked)."""

@@ -1,0 +1,1 @@
+"""L3: offline discrete-event replay of router + mocker workers on a virtual clock."""

@@ -1,0 +1,1 @@
+"""L3: a worker serves one engine replica as a runtime endpoint."""
