@@ -11,10 +11,11 @@ Two stages run per pushed batch of token ids:
    ``decode(ids[prefix:read])`` is text already emitted; ``decode(ids[prefix:])`` minus it is
    the candidate delta. Decoding from ``prefix_offset`` (not from ``read_offset``) keeps the
    context a tokenizer needs (a SentencePiece leading space, a byte-level token that completes
-   an earlier one). A candidate ending in U+FFFD is an incomplete UTF-8 character: nothing is
-   emitted until a later token completes it, so a character is never split or garbled. After
-   ``MAX_PENDING_TOKENS`` ids without a complete character the bytes are invalid, not
-   incomplete, and the replacement character is emitted (as a full decode would show it).
+   an earlier one). A candidate ending in U+FFFD ends in an incomplete UTF-8 character: the
+   complete characters before it are emitted, the tail waits for the token that completes it
+   (the offsets stay put meanwhile), so a character is never split or garbled. If
+   ``MAX_PENDING_TOKENS`` more ids complete no character, the bytes are invalid rather than
+   incomplete, and the replacement characters are emitted (as a full decode shows them).
 
 2. **Stop strings.** Text is released only up to the longest suffix that could still be the
    start of a stop string; that suffix is held back. When a stop string appears, the text
@@ -107,6 +108,8 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
+        self._grown_at = len(context)  # len(ids) when the emitted text last grew
+        self._num_emitted = 0  # chars of the pending window's new text already emitted
         self._matcher = StopStringMatcher(stop)
         self.num_output_tokens = 0
 
@@ -139,15 +142,28 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset :])
-        num_pending = len(self._ids) - self._read_offset
-        incomplete = full_text.endswith("\ufffd") and num_pending <= MAX_PENDING_TOKENS
-        if full_text == prefix_text:  # ids that decode to nothing (skipped special tokens)
-            self._read_offset = len(self._ids)
+        if full_text == prefix_text:  # ids that decode to nothing (skipped special tokens):
+            del self._ids[self._read_offset :]  # drop them so the window does not grow
             return ""
-        if len(full_text) < len(prefix_text) or (incomplete and not final):
+        if len(full_text) < len(prefix_text):
             return ""
+        new_text = full_text[len(prefix_text) :]
+        num_stalled = len(self._ids) - self._grown_at
+        if new_text.endswith("\ufffd") and not final and num_stalled <= MAX_PENDING_TOKENS:
+            return self._partial_delta(new_text)
+        delta = new_text[self._num_emitted :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full_text[len(prefix_text) :]
+        self._grown_at, self._num_emitted = len(self._ids), 0
+        return delta
+
+    def _partial_delta(self, new_text: str) -> str:
+        """The complete characters before an incomplete tail; offsets stay put (a token
+        boundary inside a character is no place to restart decoding)."""
+        safe = new_text.rstrip("\ufffd")
+        delta = safe[self._num_emitted :]
+        if delta:
+            self._num_emitted, self._grown_at = len(safe), len(self._ids)
+        return delta
 
 
 def detokenize_all(

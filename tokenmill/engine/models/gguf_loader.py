@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -94,13 +95,25 @@ def read_gguf_meta(path: str | Path) -> GGUFMeta:
     return _read_meta(_open_reader(path), path)
 
 
-def _open_reader(path: Path):
-    import gguf
+class _PlainArrayReader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memmap: slicing an ``np.memmap`` costs a
+    Python-level ``__array_finalize__`` per slice, which doubled the time to parse the default
+    model's 49k-token metadata (8.1 s -> 3.7 s measured)."""
 
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = value.view(np.ndarray)
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     try:
-        return gguf.GGUFReader(path)
+        return _PlainArrayReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on bad bytes
         raise ModelLoadError(
             f"{path}: not a readable GGUF file (truncated or corrupt: {e})"
@@ -122,8 +135,6 @@ def _read_meta(reader, path: Path) -> GGUFMeta:
 
 
 def _read_tensors(reader, path: Path) -> dict[str, np.ndarray]:
-    import gguf
-
     file_size = path.stat().st_size
     out = {}
     for tensor in reader.tensors:
@@ -158,11 +169,15 @@ def _hf_name(name: str, path: Path) -> str:
 def _to_hf_layout(
     name: str, values: np.ndarray, config: ModelConfig, meta: GGUFMeta
 ) -> torch.Tensor:
-    if meta.architecture in _PERMUTED_QK:
-        if ".attn_q." in name:
-            values = unpermute_qk(values, config.num_heads)
-        elif ".attn_k." in name:
-            values = unpermute_qk(values, config.num_kv_heads)
+    num_heads = {".attn_q.": config.num_heads, ".attn_k.": config.num_kv_heads}
+    for part, heads in num_heads.items():
+        if part in name and meta.architecture in _PERMUTED_QK:
+            if values.shape[0] % (2 * heads):
+                raise ModelLoadError(
+                    f"{meta.path}: {name} has {values.shape[0]} rows, not a multiple of "
+                    f"2 x {heads} heads from the metadata"
+                )
+            values = unpermute_qk(values, heads)
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
@@ -200,7 +215,7 @@ def gguf_config(
     embed = raw.get("token_embd.weight")
     if embed is None:
         raise ModelLoadError(f"{meta.path}: GGUF file has no token_embd.weight")
-    eos = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    eos = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return ModelConfig(
         architecture=arch,
         vocab_size=int(embed.shape[0]),
