@@ -1,0 +1,247 @@
+"""``tokenmill bench engine``: the engine's offline throughput, latency and single-stream
+speed against transformers, measured in the same run on the same machine.
+
+Workload: the first ``num_requests`` requests of an AIBrix trace whose prompt (its text,
+tokenized by the model's tokenizer, no chat template) fits ``max_prompt_tokens``; output
+lengths from the trace capped at ``max_output_tokens`` (at least 1), ``ignore_eos``.
+
+- tokenmill: a closed loop of ``concurrency`` clients over one ``EngineCore`` (continuous
+  batching): a request is added as soon as one finishes, in arrival order. TTFT is measured
+  from a request's add to its first token.
+- transformers: ``generate`` in static batches of ``concurrency`` in arrival order (left
+  padding, ``max_new_tokens`` = the longest output of the batch, greedy); only each request's
+  own output tokens count.
+- single stream: one prompt of ``single_prompt_tokens``, ``single_output_tokens`` out; decode
+  tok/s excludes the first token (prefill). A decode step is profiled and compared with the
+  roofline: bytes read per step / measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenmill.core.request import EngineRequest
+from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.core import EngineCore, build_engine_core
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACE = Path("/work/shared/data/traces/8min_up_and_down.jsonl")
+
+
+@dataclass(frozen=True)
+class EngineBenchConfig:
+    trace: Path = DEFAULT_TRACE
+    model: str | None = None
+    dtypes: tuple[str, ...] = ("bf16", "fp32")
+    num_requests: int = 256
+    max_prompt_tokens: int = 1024
+    max_output_tokens: int = 256
+    concurrency: int = 32
+    sweep: tuple[int, ...] = (1, 8, 64)
+    sweep_requests: int | None = None  # requests per sweep point (default: num_requests)
+    single_prompt_tokens: int = 128
+    single_output_tokens: int = 128
+    baseline: bool = True
+    kv_cache_memory: int = 2 << 30
+    max_num_batched_tokens: int = 2048
+    decode_group_size: int = 8
+    threads: int | None = None
+    out: Path | None = Path("benchmarks/results/engine.json")
+    runner_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    outputs: list[int]
+
+    def take(self, n: int) -> Workload:
+        return Workload(self.prompts[:n], self.outputs[:n])
+
+
+def load_workload(cfg: EngineBenchConfig, tokenizer) -> Workload:
+    from tokenmill.bench.traces import read_aibrix
+
+    prompts, outputs = [], []
+    for r in read_aibrix(cfg.trace):
+        ids = tokenizer.encode(r.prompt_text)
+        if 0 < len(ids) <= cfg.max_prompt_tokens:
+            prompts.append(ids)
+            outputs.append(max(1, min(r.num_output_tokens, cfg.max_output_tokens)))
+        if len(prompts) == cfg.num_requests:
+            break
+    return Workload(prompts, outputs)
+
+
+# ---------------------------------------------------------------------- tokenmill runs
+
+
+def make_core(loaded, cfg: EngineBenchConfig, max_num_seqs: int) -> EngineCore:
+    cache = CacheConfig.from_memory_budget(
+        cfg.kv_cache_memory, loaded.config, loaded.dtype.itemsize
+    )
+    sched = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=cfg.max_prompt_tokens + cfg.max_output_tokens,
+    )
+    kwargs = {"decode_group_size": cfg.decode_group_size, "num_threads": cfg.threads}
+    return build_engine_core(loaded, cache, sched, **{**kwargs, **cfg.runner_kwargs})
+
+
+def closed_loop(core: EngineCore, work: Workload, concurrency: int) -> dict:
+    """Keeps ``concurrency`` requests in flight; returns throughput and TTFT percentiles."""
+    pending = deque(range(len(work.prompts)))
+    started: dict[str, float] = {}
+    ttft: list[float] = []
+    num_out = 0
+    t0 = time.perf_counter()
+    while pending or core.has_unfinished_requests():
+        while pending and len(started) < concurrency:
+            i = pending.popleft()
+            params = SamplingParams(temperature=0.0, max_tokens=work.outputs[i], ignore_eos=True)
+            core.add_request(
+                EngineRequest(request_id=str(i), prompt_token_ids=work.prompts[i], params=params)
+            )
+            started[str(i)] = time.perf_counter()
+        for out in core.step():
+            if out.num_output_tokens == len(out.new_token_ids) and out.new_token_ids:
+                ttft.append(time.perf_counter() - started[out.request_id])
+            num_out += len(out.new_token_ids)
+            if out.finished:
+                del started[out.request_id]
+    elapsed = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "num_requests": len(work.prompts),
+        "output_tokens": num_out,
+        "elapsed_s": round(elapsed, 2),
+        "output_tok_s": round(num_out / elapsed, 2),
+        "ttft_s": percentiles(ttft),
+        "num_preemptions": core.scheduler.num_preemptions,
+    }
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {
+        "p50": round(pick(0.5), 4),
+        "p90": round(pick(0.9), 4),
+        "p99": round(pick(0.99), 4),
+        "mean": round(statistics.fmean(xs), 4),
+    }
+
+
+def single_stream(core: EngineCore, prompt: list[int], num_out: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=num_out, ignore_eos=True)
+    core.add_request(EngineRequest(request_id="single", prompt_token_ids=prompt, params=params))
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    while core.has_unfinished_requests():
+        for out in core.step():
+            n += len(out.new_token_ids)
+            if first is None and out.new_token_ids:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {
+        "prompt_tokens": len(prompt),
+        "output_tokens": n,
+        "ttft_s": round(first - t0, 4),
+        "decode_tok_s": round((n - 1) / (end - first), 2),
+    }
+
+
+# ---------------------------------------------------------------------- orchestration
+
+
+def run(cfg: EngineBenchConfig) -> dict:
+    from tokenmill.bench import engine_hf
+    from tokenmill.engine.loader import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result: dict = {"config": _jsonable(asdict(cfg)), "machine": machine_info(), "runs": {}}
+    result["memory_bandwidth_gb_s"] = engine_hf.memory_bandwidth_gb_s()
+    for dtype in cfg.dtypes:
+        loaded = load_model(cfg.model, dtype=dtype, device="cpu")
+        work = load_workload(cfg, loaded.tokenizer)
+        run_ = {
+            "workload": {
+                "num_requests": len(work.prompts),
+                "prompt_tokens": sum(map(len, work.prompts)),
+                "output_tokens": sum(work.outputs),
+            }
+        }
+        prompt = _single_prompt(work, cfg.single_prompt_tokens)
+        run_["single_stream"] = single_stream(
+            make_core(loaded, cfg, 1), prompt, cfg.single_output_tokens
+        )
+        run_["decode_profile"] = engine_hf.profile_decode(
+            make_core(loaded, cfg, 1), prompt, loaded, result["memory_bandwidth_gb_s"]
+        )
+        log.info("%s single stream: %s", dtype, run_["single_stream"])
+        run_["tokenmill"] = [
+            closed_loop(make_core(loaded, cfg, cfg.concurrency), work, cfg.concurrency)
+        ]
+        log.info("%s tokenmill c=%d: %s", dtype, cfg.concurrency, run_["tokenmill"][0])
+        sweep_work = work.take(cfg.sweep_requests or cfg.num_requests)
+        for c in cfg.sweep:
+            run_["tokenmill"].append(closed_loop(make_core(loaded, cfg, c), sweep_work, c))
+            log.info("%s tokenmill c=%d: %s", dtype, c, run_["tokenmill"][-1])
+        if cfg.baseline:
+            run_["transformers"] = engine_hf.baseline(cfg, loaded, work, prompt)
+            run_["ratios"] = _ratios(run_)
+            log.info("%s transformers: %s ratios %s", dtype, run_["transformers"], run_["ratios"])
+        result["runs"][dtype] = run_
+        del loaded
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _single_prompt(work: Workload, n: int) -> list[int]:
+    longest = max(work.prompts, key=len)
+    return (longest * (n // len(longest) + 1))[:n]
+
+
+def _ratios(run_: dict) -> dict:
+    tm, hf = run_["tokenmill"][0], run_["transformers"]
+    return {
+        "throughput_vs_transformers": round(
+            tm["output_tok_s"] / hf["static_batch"]["output_tok_s"], 2
+        ),
+        "single_stream_decode_vs_transformers": round(
+            run_["single_stream"]["decode_tok_s"] / hf["single_stream"]["decode_tok_s"], 2
+        ),
+    }
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

@@ -1,0 +1,164 @@
+"""The baselines and measurements behind ``tokenmill bench engine`` (see ``engine.py``):
+transformers ``generate`` (static batches, single stream), memory bandwidth, and a profile
+of one tokenmill decode step against its roofline. transformers is imported only here."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from tokenmill.core.request import EngineRequest
+from tokenmill.core.sampling import SamplingParams
+
+
+def memory_bandwidth_gb_s(num_bytes: int = 256 << 20, repeats: int = 5) -> dict:
+    """Best of ``repeats``: read (``sum``) and copy (read + write) bandwidth of a buffer far
+    larger than the caches."""
+    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    read = copy = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        read = min(read, time.perf_counter() - t)
+        t = time.perf_counter()
+        dst.copy_(src)
+        copy = min(copy, time.perf_counter() - t)
+    return {"read": round(num_bytes / read / 1e9, 2), "copy": round(2 * num_bytes / copy / 1e9, 2)}
+
+
+def profile_decode(core, prompt: list[int], loaded, bandwidth: dict, steps: int = 12) -> dict:
+    """Prefill ``prompt``, then profile ``steps`` decode steps of one stream."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    core.add_request(EngineRequest(request_id="prof", prompt_token_ids=prompt, params=params))
+    for _ in range(4):
+        core.step()  # prefill (maybe chunked) and a few warm decode steps
+    execute = core.executor.execute
+    spent = {"execute": 0.0}
+
+    def timed(sched):
+        t = time.perf_counter()
+        try:
+            return execute(sched)
+        finally:
+            spent["execute"] += time.perf_counter() - t
+
+    core.executor.execute = timed
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            core.step()
+    total = time.perf_counter() - t0
+    core.executor.execute = execute
+    core.abort_requests(["prof"])
+    return {
+        "steps": steps,
+        "step_ms": round(1000 * total / steps, 2),
+        "execute_fraction": round(spent["execute"] / total, 3),
+        "top_ops": _top_ops(prof, steps),
+        "roofline": _roofline(loaded, len(prompt) + 8, bandwidth, total / steps),
+    }
+
+
+def _top_ops(prof, steps: int, n: int = 12) -> list[dict]:
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "calls_per_step": e.count // steps,
+            "self_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 3),
+            "fraction": round(e.self_cpu_time_total / total, 3),
+        }
+        for e in events[:n]
+    ]
+
+
+def _roofline(loaded, context: int, bandwidth: dict, step_s: float) -> dict:
+    """Bytes one decode step must read: every weight once (the embedding table as lm_head;
+    its row gather is negligible) plus the sequence's K/V; at the measured read bandwidth."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    kv_bytes = context * loaded.config.kv_bytes_per_token * loaded.dtype.itemsize
+    bytes_per_step = weight_bytes + kv_bytes
+    floor_s = bytes_per_step / (bandwidth["read"] * 1e9)
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes": kv_bytes,
+        "roofline_step_ms": round(1000 * floor_s, 2),
+        "roofline_tok_s": round(1 / floor_s, 1),
+        "measured_step_ms": round(1000 * step_s, 2),
+        "fraction_of_roofline": round(floor_s / step_s, 3),
+    }
+
+
+# ---------------------------------------------------------------------- transformers
+
+
+def load_hf(loaded):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(loaded.path)
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=loaded.dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=loaded.dtype
+        )
+    return model.eval()
+
+
+def baseline(cfg, loaded, work, prompt: list[int]) -> dict:
+    hf = load_hf(loaded)
+    pad = loaded.tokenizer.eos_token_ids[0]
+    return {
+        "single_stream": hf_single_stream(hf, prompt, cfg.single_output_tokens, pad),
+        "static_batch": hf_static_batches(hf, work, cfg.concurrency, pad),
+    }
+
+
+@torch.inference_mode()
+def _generate(hf, prompts: list[list[int]], num_new: int, pad: int) -> float:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [B, W] left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [B, W]
+    t = time.perf_counter()
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=num_new,
+        min_new_tokens=num_new,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] == width + num_new, "transformers stopped early"
+    return elapsed
+
+
+def hf_single_stream(hf, prompt: list[int], num_out: int, pad: int) -> dict:
+    first = _generate(hf, [prompt], 1, pad)
+    total = _generate(hf, [prompt], num_out, pad)
+    return {
+        "prompt_tokens": len(prompt),
+        "output_tokens": num_out,
+        "ttft_s": round(first, 4),
+        "decode_tok_s": round((num_out - 1) / (total - first), 2),
+    }
+
+
+def hf_static_batches(hf, work, batch_size: int, pad: int) -> dict:
+    """Arrival-order batches; only each request's own output tokens count."""
+    elapsed, useful = 0.0, 0
+    for b in range(0, len(work.prompts), batch_size):
+        outs = work.outputs[b : b + batch_size]
+        elapsed += _generate(hf, work.prompts[b : b + batch_size], max(outs), pad)
+        useful += sum(outs)
+    return {
+        "batch_size": batch_size,
+        "num_requests": len(work.prompts),
+        "output_tokens": useful,
+        "elapsed_s": round(elapsed, 2),
+        "output_tok_s": round(useful / elapsed, 2),
+    }
