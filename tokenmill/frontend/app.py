@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP app: ``build_app(model, dispatcher, config, loads)``.
+
+Request path: read the body (``max_body_bytes``, 413 beyond) -> msgspec decode (400 on bad
+JSON or types) -> chat template + tokenization in a thread pool -> route and open one worker
+stream per choice (503 when shed or no worker) -> SSE stream or whole response. A client
+disconnect, streaming or not, cancels the request task; closing the streams aborts the engine
+requests. With ``api_key`` set, every ``/v1`` call needs ``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.core.errors import TokenmillError
+from tokenmill.frontend import errors
+from tokenmill.frontend.dispatch import Dispatcher
+from tokenmill.frontend.metrics import FrontendMetrics
+from tokenmill.frontend.preprocess import ServedModel, prepare_chat, prepare_completion
+from tokenmill.frontend.responses import (
+    SSE_DONE,
+    Collector,
+    ResponseMeta,
+    StreamFormatter,
+    Usage,
+    sse,
+)
+from tokenmill.frontend.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_request,
+    unknown_fields,
+)
+from tokenmill.frontend.serving import ServeContext, engine_requests, merge, open_streams
+from tokenmill.frontend.sse import SSEResponse, cancel_on_disconnect
+from tokenmill.runtime.wire import WorkerLoad
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float | None = 600.0
+    tokenizer_threads: int = 2
+    retry_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str  # the endpoint label in metrics
+    chat: bool
+    schema: type
+    prepare: Callable[[ServedModel, Any], Any]
+    id_prefix: str
+
+
+CHAT = _Kind("chat_completions", True, ChatCompletionRequest, prepare_chat, "chatcmpl-")
+COMPLETION = _Kind("completions", False, CompletionRequest, prepare_completion, "cmpl-")
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(errors.encode(obj), status, headers, media_type=JSON)
+
+
+class Frontend:
+    """The app's state and handlers (one per app)."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        dispatcher: Dispatcher,
+        config: FrontendConfig,
+        metrics: FrontendMetrics,
+        loads: Callable[[], Iterable[WorkerLoad]],
+    ):
+        self.model, self.dispatcher, self.config, self.metrics = model, dispatcher, config, metrics
+        self.loads = loads
+        self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        self.ctx = ServeContext(model, dispatcher, metrics, config.request_timeout_s)
+        self.token_text = functools.lru_cache(maxsize=65536)(
+            lambda t: model.tokenizer.decode([t], skip_special_tokens=False)
+        )
+
+    def error(self, exc: BaseException) -> Response:
+        status, obj, headers = errors.classify(exc, self.config.retry_after_s)
+        return json_response(obj, status, headers)
+
+    async def complete(self, request: Request, kind: _Kind) -> Response:
+        self.metrics.inflight.inc()
+        try:
+            response = await self._complete(request, kind)
+        except Exception as exc:
+            response = self.error(exc)
+        finally:
+            self.metrics.inflight.dec()
+        self.metrics.requests.labels(kind.name, str(response.status_code)).inc()
+        return response
+
+    async def _complete(self, request: Request, kind: _Kind) -> Response:
+        arrival = time.monotonic()
+        self.authorize(request)
+        raw = await self._read_body(request)
+        req = decode_request(raw, kind.schema)
+        if log.isEnabledFor(logging.DEBUG) and (extra := unknown_fields(raw, kind.schema)):
+            log.debug("ignoring unknown request fields %s", extra)
+        self._check_model(req.model)
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.pool, kind.prepare, self.model, req)
+        meta = ResponseMeta(kind.id_prefix + uuid.uuid4().hex, self.model.name, kind.chat)
+        usage = Usage(prepared.n, sum(len(p) for p in prepared.prompts))
+        streams = await open_streams(self.ctx, engine_requests(prepared, meta.id), arrival)
+        events = merge(streams)
+        if prepared.stream:
+            fmt = StreamFormatter(meta, self.token_text, prepared.include_usage)
+            return SSEResponse(self._sse_body(events, fmt, usage))
+        collector = Collector(meta, self.token_text, len(streams), usage)
+        try:
+            async with cancel_on_disconnect(request.receive):
+                async for event in events:
+                    collector.add(event)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        self._count_usage(usage)
+        return json_response(collector.response())
+
+    async def _sse_body(self, events: AsyncIterator[Any], fmt: StreamFormatter, usage: Usage):
+        try:
+            async for event in events:
+                usage.add(event)
+                yield fmt.chunk(event)
+            if fmt.include_usage:
+                yield fmt.usage_chunk(usage)
+            self._count_usage(usage)
+        except TokenmillError as exc:
+            yield sse(errors.classify(exc)[1])
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        yield SSE_DONE
+
+    def _count_usage(self, usage: Usage) -> None:
+        self.metrics.observe_usage(
+            usage.num_prompt_tokens, usage.num_completion_tokens, usage.num_cached_tokens
+        )
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise errors.HttpError(401, "invalid or missing API key", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model.name:
+            raise errors.HttpError(
+                404, f"the model {name!r} does not exist", param="model", code="model_not_found"
+            )
+
+    def models(self, request: Request) -> Response:
+        self.authorize(request)
+        card = {"id": self.model.name, "object": "model", "created": self.model.created,
+                "owned_by": "tokenmill", "max_model_len": self.model.context_length}  # fmt: skip
+        return json_response({"object": "list", "data": [card]})
+
+    def health(self) -> Response:
+        if self.dispatcher.has_instances():
+            return json_response({"status": "ok"})
+        return json_response({"status": "no worker serving"}, 503)
+
+    def render_metrics(self) -> Response:
+        return Response(self.metrics.render(self.loads()), media_type="text/plain; version=0.0.4")
+
+
+def _too_large(limit: int) -> errors.HttpError:
+    return errors.HttpError(413, f"request body larger than {limit} bytes", code="body_too_large")
+
+
+class FastPathApp:
+    """The ASGI app served: ``POST`` to the two completion paths goes straight to the
+    ``Frontend`` (no routing table, middleware wrappers around every ``send``, or dependency
+    resolution: they cost more CPU per streamed token than the rest of the path); anything
+    else (lifespan, other routes, other methods) goes to the FastAPI app."""
+
+    def __init__(self, app: FastAPI, front: Frontend):
+        self.app, self.front, self.state = app, front, app.state
+        self._routes = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        response = await self.front.complete(Request(scope, receive), kind)
+        await response(scope, receive, send)
+
+
+def build_app(
+    model: ServedModel,
+    dispatcher: Dispatcher,
+    config: FrontendConfig | None = None,
+    loads: Callable[[], Iterable[WorkerLoad]] = tuple,
+    metrics: FrontendMetrics | None = None,
+) -> FastPathApp:
+    metrics = metrics or FrontendMetrics()
+    front = Frontend(model, dispatcher, config or FrontendConfig(), metrics, loads)
+    dispatcher.set_observer(metrics.observe_route)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        front.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, openapi_url=None, docs_url=None)
+    app.state.frontend = front
+
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return json_response(errors.body(str(exc.detail), "invalid_request_error"), exc.status_code)
+
+    async def _any_error(request: Request, exc: Exception) -> Response:
+        return front.error(exc)
+
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _any_error)
+    _add_routes(app, front)
+    return FastPathApp(app, front)
+
+
+def _add_routes(app: FastAPI, front: Frontend) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await front.complete(request, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await front.complete(request, COMPLETION)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            return front.models(request)
+        except errors.HttpError as exc:
+            return front.error(exc)
+
+    app.get("/health")(front.health)
+    app.get("/live")(lambda: json_response({"status": "alive"}))
+    app.get("/metrics")(front.render_metrics)

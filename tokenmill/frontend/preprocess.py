@@ -1,0 +1,243 @@
+"""OpenAI request -> token ids + ``SamplingParams``. Pure and synchronous: the app runs it in a
+thread pool so a long chat template or a 12k-token prompt never stalls the event loop.
+
+Every rejection is an ``InvalidRequestError`` naming the field (HTTP 400), or
+``ContextLengthExceededError`` when prompt + max_tokens exceed the model's context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
+from tokenmill.core.sampling import SamplingParams
+from tokenmill.frontend.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+MAX_N = 128
+MAX_PROMPTS = 256
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "response_format")
+
+
+class TokenizerLike(Protocol):
+    eos_token_ids: tuple[int, ...]
+    chat_template: str | None
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    tokenizer: TokenizerLike
+    context_length: int
+    created: int = 0
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """What the serving layer runs: ``n`` choices per prompt, ``len(prompts) * n`` in all."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    cache_salt: str | None
+    priority: int
+
+
+def prepare_chat(model: ServedModel, req: ChatCompletionRequest) -> PreparedRequest:
+    for name in UNSUPPORTED_CHAT_FIELDS:
+        if getattr(req, name) is not None:
+            raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+    messages = [_message(m, i) for i, m in enumerate(req.messages)]
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = model.tokenizer.encode(text, add_special_tokens=False)
+    num_logprobs = _chat_logprobs(req)
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages")
+    return _prepared(req, [prompt], params)
+
+
+def prepare_completion(model: ServedModel, req: CompletionRequest) -> PreparedRequest:
+    if req.echo:
+        raise InvalidRequestError("echo is not supported by this server", param="echo")
+    if req.suffix is not None:
+        raise InvalidRequestError("suffix is not supported by this server", param="suffix")
+    prompts = _completion_prompts(model, req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    params = _params(model, req, prompts, max_tokens, req.logprobs, "prompt")
+    return _prepared(req, prompts, params)
+
+
+def _prepared(req: Any, prompts: list[list[int]], params: SamplingParams) -> PreparedRequest:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return PreparedRequest(
+        prompts,
+        params,
+        params.n,
+        bool(req.stream),
+        include_usage,
+        req.cache_salt,
+        req.priority or 0,
+    )
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, str]:
+    role = ROLES.get(message.role)
+    if role is None:
+        raise InvalidRequestError(
+            f"messages[{index}].role {message.role!r} is not one of {sorted(ROLES)}",
+            param=f"messages[{index}].role",
+        )
+    return {"role": role, "content": _content(message.content, index)}
+
+
+def _content(content: Any, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise InvalidRequestError(
+                f"messages[{index}].content: only text parts are supported, got {part.type!r}",
+                param=f"messages[{index}].content",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _completion_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids or a list of lists of token ids."""
+    if isinstance(prompt, str):
+        prompts = [_encode(model, prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [_encode(model, p) for p in prompt]
+    elif prompt and all(_is_int(t) for t in prompt):
+        prompts = [_check_ids(model, prompt)]
+    elif prompt and all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+        prompts = [_check_ids(model, p) for p in prompt]
+    else:
+        raise InvalidRequestError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of "
+            "lists of token ids, and not empty",
+            param="prompt",
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    if any(not p for p in prompts):
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    return prompts
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _encode(model: ServedModel, text: str) -> list[int]:
+    return model.tokenizer.encode(text, add_special_tokens=True)
+
+
+def _check_ids(model: ServedModel, ids: list[int]) -> list[int]:
+    vocab = model.tokenizer.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+        )
+    return list(ids)
+
+
+def _params(
+    model: ServedModel,
+    req: Any,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    num_logprobs: int | None,
+    prompt_param: str,
+) -> SamplingParams:
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequestError(f"n must be in [1, {MAX_N}]", param="n")
+    longest = max(len(p) for p in prompts)
+    max_tokens = _check_context(model, longest, max_tokens, prompt_param)
+    return SamplingParams(
+        n=n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens or 0,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=req.top_k or 0,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        stop=_stop(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=num_logprobs,
+        logit_bias=_logit_bias(model, req.logit_bias),
+        skip_special_tokens=req.skip_special_tokens is not False,
+    )
+
+
+def _check_context(
+    model: ServedModel, num_prompt_tokens: int, max_tokens: int | None, param: str
+) -> int:
+    """``max_tokens`` resolved (None: what is left of the context); raises when it is over."""
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    context = model.context_length
+    room = context - num_prompt_tokens
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = num_prompt_tokens + (max_tokens or 1)
+        raise ContextLengthExceededError(
+            f"this model's maximum context length is {context} tokens; the request asks for "
+            f"{asked} ({num_prompt_tokens} in the prompt, {max_tokens or 1} to generate)",
+            param=param,
+        )
+    return room if max_tokens is None else max_tokens
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 16:
+        raise InvalidRequestError("at most 16 stop strings", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _logit_bias(model: ServedModel, bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        out = {int(k): float(v) for k, v in bias.items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+    vocab = model.tokenizer.vocab_size
+    if any(not 0 <= k < vocab for k in out):
+        raise InvalidRequestError(
+            "logit_bias has a token id outside the vocabulary", param="logit_bias"
+        )
+    return out

@@ -1,0 +1,174 @@
+"""OpenAI response shapes for chat and text completions, streaming chunks and whole
+responses, built from ``ChoiceEvent``s. Plain dicts encoded with msgspec (exact key order as
+OpenAI's, ``null`` where OpenAI sends null).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from tokenmill.core.request import TokenLogprob
+from tokenmill.frontend.serving import ChoiceEvent
+
+TokenText = Callable[[int], str]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Usage:
+    """Token counts of one HTTP request. The prompt counts once per prompt (not per choice);
+    cached tokens are those of each prompt's first choice."""
+
+    n: int
+    num_prompt_tokens: int
+    num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    def add(self, event: ChoiceEvent) -> None:
+        if event.finish_reason is None:
+            return
+        self.num_completion_tokens += event.num_output_tokens
+        if event.index % self.n == 0:
+            self.num_cached_tokens += event.num_cached_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_completion_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens},
+        }
+
+
+@dataclass
+class ResponseMeta:
+    id: str
+    model: str
+    chat: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def chat_logprobs(items: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+    return {"content": [_chat_logprob(t, token_text) for t in items]}
+
+
+def _chat_logprob(item: TokenLogprob, token_text: TokenText) -> dict[str, Any]:
+    text = token_text(item.token_id)
+    top = [_top_entry(tid, lp, token_text) for tid, lp in item.top]
+    return {
+        "token": text,
+        "logprob": item.logprob,
+        "bytes": list(text.encode()),
+        "top_logprobs": top,
+    }
+
+
+def _top_entry(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
+    text = token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def completion_logprobs(
+    items: list[TokenLogprob], token_text: TokenText, offset: int = 0
+) -> dict[str, Any]:
+    tokens = [token_text(t.token_id) for t in items]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [{token_text(tid): lp for tid, lp in t.top} for t in items],
+        "text_offset": offsets,
+    }
+
+
+class StreamFormatter:
+    """SSE chunks for one streaming request."""
+
+    def __init__(self, meta: ResponseMeta, token_text: TokenText, include_usage: bool):
+        self.meta, self.token_text, self.include_usage = meta, token_text, include_usage
+        self._started: set[int] = set()
+        self._object = "chat.completion.chunk" if meta.chat else "text_completion"
+
+    def chunk(self, event: ChoiceEvent) -> bytes:
+        if self.meta.chat:
+            choice = self._chat_choice(event)
+        else:
+            lp = completion_logprobs(event.logprobs, self.token_text) if event.logprobs else None
+            choice = {"index": event.index, "text": event.text, "logprobs": lp,
+                      "finish_reason": event.finish_reason}  # fmt: skip
+        return sse(self._envelope([choice], None))
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        return sse(self._envelope([], usage.to_json()))
+
+    def _chat_choice(self, event: ChoiceEvent) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if event.index not in self._started:
+            self._started.add(event.index)
+            delta["role"] = "assistant"
+        delta["content"] = event.text
+        lp = chat_logprobs(event.logprobs, self.token_text) if event.logprobs else None
+        return {"index": event.index, "delta": delta, "logprobs": lp,
+                "finish_reason": event.finish_reason}  # fmt: skip
+
+    def _envelope(self, choices: list[Any], usage: Any) -> dict[str, Any]:
+        body = {"id": self.meta.id, "object": self._object, "created": self.meta.created,
+                "model": self.meta.model, "choices": choices}  # fmt: skip
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+
+class Collector:
+    """Accumulates events of a non-streaming request into the whole response."""
+
+    def __init__(self, meta: ResponseMeta, token_text: TokenText, num_choices: int, usage: Usage):
+        self.meta, self.token_text, self.usage = meta, token_text, usage
+        self._texts: list[list[str]] = [[] for _ in range(num_choices)]
+        self._logprobs: list[list[TokenLogprob] | None] = [None] * num_choices
+        self._finish: list[str | None] = [None] * num_choices
+
+    def add(self, event: ChoiceEvent) -> None:
+        i = event.index
+        self._texts[i].append(event.text)
+        if event.logprobs:
+            self._logprobs[i] = (self._logprobs[i] or []) + list(event.logprobs)
+        if event.finish_reason is not None:
+            self._finish[i] = event.finish_reason
+        self.usage.add(event)
+
+    def response(self) -> dict[str, Any]:
+        choices = [self._choice(i) for i in range(len(self._texts))]
+        obj = "chat.completion" if self.meta.chat else "text_completion"
+        return {"id": self.meta.id, "object": obj, "created": self.meta.created,
+                "model": self.meta.model, "choices": choices, "usage": self.usage.to_json()}  # fmt: skip
+
+    def _choice(self, i: int) -> dict[str, Any]:
+        text, items = "".join(self._texts[i]), self._logprobs[i]
+        if self.meta.chat:
+            lp = chat_logprobs(items, self.token_text) if items is not None else None
+            message = {"role": "assistant", "content": text}
+            return {
+                "index": i,
+                "message": message,
+                "logprobs": lp,
+                "finish_reason": self._finish[i],
+            }
+        lp = completion_logprobs(items, self.token_text) if items is not None else None
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": self._finish[i]}

@@ -1,0 +1,151 @@
+"""A worker: one engine replica served as the runtime endpoint ``generate`` (``EngineRequest``
+in, ``RequestOutput``s out), publishing its load on the event plane.
+
+Life cycle: ``start()`` registers the instance and starts the load publisher; ``stop()``
+deregisters (no new requests), lets in-flight requests finish up to ``drain_timeout_s``,
+aborts the rest and stops publishing. The engine itself is owned by the caller.
+
+Duplicate request ids among in-flight requests are rejected (``DuplicateRequestError``) before
+anything reaches the engine. A client that closes its stream aborts the engine request
+(closing the engine's iterator frees its blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenmill.core.errors import EngineDeadError, InvalidRequestError
+from tokenmill.core.request import EngineRequest, RequestOutput
+from tokenmill.runtime.interface import EndpointId, RequestContext, Runtime, ServedEndpoint
+from tokenmill.runtime.wire import LOAD_TOPIC, InstanceInfo, WorkerLoad
+from tokenmill.worker.protocol import EngineClient, load_from_stats, maybe_await
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "tokenmill"
+DEFAULT_COMPONENT = "backend"
+GENERATE_ENDPOINT = "generate"
+
+
+class DuplicateRequestError(InvalidRequestError):
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"request id {request_id!r} is already in flight on this worker",
+            param="request_id",
+            code="duplicate_request_id",
+        )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    namespace: str = DEFAULT_NAMESPACE
+    component: str = DEFAULT_COMPONENT
+    instance_id: str | None = None
+    model_name: str = ""
+    load_interval_s: float = 0.5
+    drain_timeout_s: float = 30.0
+
+    @property
+    def endpoint(self) -> EndpointId:
+        return EndpointId(self.namespace, self.component, GENERATE_ENDPOINT)
+
+
+class Worker:
+    def __init__(self, engine: EngineClient, runtime: Runtime, config: WorkerConfig | None = None):
+        self.engine = engine
+        self.runtime = runtime
+        self.config = config or WorkerConfig()
+        self._active: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._served: ServedEndpoint | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    @property
+    def info(self) -> InstanceInfo | None:
+        return None if self._served is None else self._served.info
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._active)
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is in flight on this worker."""
+        await self._idle.wait()
+
+    async def start(self) -> InstanceInfo:
+        metadata = {"model": self.config.model_name} if self.config.model_name else {}
+        self._served = await self.runtime.serve_endpoint(
+            self.config.endpoint,
+            self.generate,
+            instance_id=self.config.instance_id,
+            metadata=metadata,
+            request_type=EngineRequest,
+        )
+        self._publisher = asyncio.create_task(self._publish_load())
+        return self._served.info
+
+    async def stop(self, drain_timeout_s: float | None = None) -> int:
+        """Deregisters, drains, aborts the rest; returns how many requests were aborted."""
+        if self._served is not None:
+            await self._served.stop()
+        timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        aborted = list(self._active)
+        for request_id in aborted:
+            await maybe_await(self.engine.abort(request_id))
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        return len(aborted)
+
+    async def generate(
+        self, request: EngineRequest, ctx: RequestContext
+    ) -> AsyncIterator[RequestOutput]:
+        """The endpoint handler: streams the engine's outputs for ``request``."""
+        request_id = request.request_id
+        if request_id in self._active:
+            raise DuplicateRequestError(request_id)
+        if not self.engine.is_healthy():
+            raise EngineDeadError("the engine of this worker is not healthy")
+        self._active.add(request_id)
+        self._idle.clear()
+        stream = self.engine.generate(request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await _close(stream)
+            self._active.discard(request_id)
+            if not self._active:
+                self._idle.set()
+
+    def load(self) -> WorkerLoad:
+        instance_id = self.info.instance_id if self.info else (self.config.instance_id or "")
+        return load_from_stats(instance_id, self.engine.stats())
+
+    async def _publish_load(self) -> None:
+        last: WorkerLoad | None = None
+        while True:
+            try:
+                load = self.load()
+                if load != last:
+                    await self.runtime.publish(
+                        self.config.namespace, self.config.component, LOAD_TOPIC, load
+                    )
+                    last = load
+            except Exception:  # a stats hiccup must not kill the publisher
+                log.exception("worker: publishing load failed")
+            await asyncio.sleep(self.config.load_interval_s)
+
+
+async def _close(stream: AsyncIterator[RequestOutput]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
