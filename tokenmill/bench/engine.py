@@ -53,7 +53,10 @@ class EngineBenchConfig:
     single_prompt_tokens: int = 128
     single_output_tokens: int = 128
     baseline: bool = True
-    kv_cache_memory: int = 2 << 30
+    # dtypes whose static-batch transformers baseline and concurrency sweep run (None: all);
+    # the single-stream baseline always runs
+    full_dtypes: tuple[str, ...] | None = None
+    kv_cache_memory: int = 1 << 30
     max_num_batched_tokens: int = 2048
     decode_group_size: int = 8
     threads: int | None = None
@@ -187,32 +190,67 @@ def run(cfg: EngineBenchConfig) -> dict:
                 "output_tokens": sum(work.outputs),
             }
         }
-        prompt = _single_prompt(work, cfg.single_prompt_tokens)
-        run_["single_stream"] = single_stream(
-            make_core(loaded, cfg, 1), prompt, cfg.single_output_tokens
-        )
-        run_["decode_profile"] = engine_hf.profile_decode(
-            make_core(loaded, cfg, 1), prompt, loaded, result["memory_bandwidth_gb_s"]
-        )
-        log.info("%s single stream: %s", dtype, run_["single_stream"])
-        run_["tokenmill"] = [
-            closed_loop(make_core(loaded, cfg, cfg.concurrency), work, cfg.concurrency)
-        ]
-        log.info("%s tokenmill c=%d: %s", dtype, cfg.concurrency, run_["tokenmill"][0])
-        sweep_work = work.take(cfg.sweep_requests or cfg.num_requests)
-        for c in cfg.sweep:
-            run_["tokenmill"].append(closed_loop(make_core(loaded, cfg, c), sweep_work, c))
-            log.info("%s tokenmill c=%d: %s", dtype, c, run_["tokenmill"][-1])
-        if cfg.baseline:
-            run_["transformers"] = engine_hf.baseline(cfg, loaded, work, prompt)
-            run_["ratios"] = _ratios(run_)
-            log.info("%s transformers: %s ratios %s", dtype, run_["transformers"], run_["ratios"])
+        hf = engine_hf.load_hf(loaded) if cfg.baseline else None
+        full = cfg.full_dtypes is None or dtype in cfg.full_dtypes
+        run_.update(_measure(cfg, loaded, hf, work, full, result["memory_bandwidth_gb_s"]))
         result["runs"][dtype] = run_
-        del loaded
+        _write(cfg, result)  # after each dtype: a cut-short run keeps what it measured
+        del loaded, hf
+    return result
+
+
+def _write(cfg: EngineBenchConfig, result: dict) -> None:
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         cfg.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+
+def _measure(cfg: EngineBenchConfig, loaded, hf, work: Workload, full: bool, bandwidth) -> dict:
+    from tokenmill.bench import engine_hf
+
+    name = str(loaded.dtype).removeprefix("torch.")
+    run_: dict = {"decode_attention": engine_hf.attention_variants(loaded.config, loaded.dtype)}
+    log.info("%s decode attention: %s", name, run_["decode_attention"])
+    prompt = _single_prompt(work, cfg.single_prompt_tokens)
+    run_.update(single_streams(cfg, loaded, hf, prompt))
+    run_["decode_profile"] = engine_hf.profile_decode(
+        make_core(loaded, cfg, 1), prompt, loaded, bandwidth
+    )
+    log.info("%s single stream: %s", name, run_["single_stream_runs"])
+    run_["tokenmill"] = [
+        closed_loop(make_core(loaded, cfg, cfg.concurrency), work, cfg.concurrency)
+    ]
+    log.info("%s tokenmill c=%d: %s", name, cfg.concurrency, run_["tokenmill"][0])
+    sweep_work = work.take(cfg.sweep_requests or cfg.num_requests)
+    for c in cfg.sweep if full else ():
+        run_["tokenmill"].append(closed_loop(make_core(loaded, cfg, c), sweep_work, c))
+        log.info("%s tokenmill c=%d: %s", name, c, run_["tokenmill"][-1])
+    if hf is not None:
+        if full:
+            pad = loaded.tokenizer.eos_token_ids[0]
+            static = engine_hf.hf_static_batches(hf, work, cfg.concurrency, pad)
+            run_["transformers"]["static_batch"] = static
+        run_["ratios"] = _ratios(run_)
+        log.info("%s transformers: %s ratios %s", name, run_["transformers"], run_["ratios"])
+    return run_
+
+
+def single_streams(cfg: EngineBenchConfig, loaded, hf, prompt: list[int], rounds: int = 2):
+    """tokenmill and transformers alternated ``rounds`` times (the machine is shared: both
+    see the same load); the best round of each is the reported figure."""
+    from tokenmill.bench import engine_hf
+
+    n, pad = cfg.single_output_tokens, loaded.tokenizer.eos_token_ids[0]
+    runs: dict[str, list] = {"tokenmill": [], "transformers": []}
+    for _ in range(rounds):
+        runs["tokenmill"].append(single_stream(make_core(loaded, cfg, 1), prompt, n))
+        if hf is not None:
+            runs["transformers"].append(engine_hf.hf_single_stream(hf, prompt, n, pad))
+    best = lambda rs: max(rs, key=lambda r: r["decode_tok_s"])  # noqa: E731
+    out = {"single_stream_runs": runs, "single_stream": best(runs["tokenmill"])}
+    if hf is not None:
+        out["transformers"] = {"single_stream": best(runs["transformers"])}
+    return out
 
 
 def _single_prompt(work: Workload, n: int) -> list[int]:
@@ -222,14 +260,12 @@ def _single_prompt(work: Workload, n: int) -> list[int]:
 
 def _ratios(run_: dict) -> dict:
     tm, hf = run_["tokenmill"][0], run_["transformers"]
-    return {
-        "throughput_vs_transformers": round(
-            tm["output_tok_s"] / hf["static_batch"]["output_tok_s"], 2
-        ),
-        "single_stream_decode_vs_transformers": round(
-            run_["single_stream"]["decode_tok_s"] / hf["single_stream"]["decode_tok_s"], 2
-        ),
-    }
+    single = run_["single_stream"]["decode_tok_s"] / hf["single_stream"]["decode_tok_s"]
+    ratios = {"single_stream_decode_vs_transformers": round(single, 2)}
+    if "static_batch" in hf:
+        static = hf["static_batch"]["output_tok_s"]
+        ratios["throughput_vs_transformers"] = round(tm["output_tok_s"] / static, 2)
+    return ratios
 
 
 def machine_info() -> dict:

@@ -109,15 +109,6 @@ def load_hf(loaded):
     return model.eval()
 
 
-def baseline(cfg, loaded, work, prompt: list[int]) -> dict:
-    hf = load_hf(loaded)
-    pad = loaded.tokenizer.eos_token_ids[0]
-    return {
-        "single_stream": hf_single_stream(hf, prompt, cfg.single_output_tokens, pad),
-        "static_batch": hf_static_batches(hf, work, cfg.concurrency, pad),
-    }
-
-
 @torch.inference_mode()
 def _generate(hf, prompts: list[list[int]], num_new: int, pad: int) -> float:
     width = max(map(len, prompts))
@@ -162,3 +153,34 @@ def hf_static_batches(hf, work, batch_size: int, pad: int) -> dict:
         "elapsed_s": round(elapsed, 2),
         "output_tok_s": round(useful / elapsed, 2),
     }
+
+
+def attention_variants(config, dtype: torch.dtype, batch: int = 32, repeats: int = 10) -> dict:
+    """Decode attention of one layer at the model's shape, ``batch`` sequences with contexts
+    spread over 128..640 tokens: per-sequence SDPA vs padded groups of 4, 8 and all rows.
+    Best of ``repeats``, in ms per layer."""
+    from tokenmill.engine.executor.paged_attention import PagedAttention
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(128, 640, (batch,), generator=g).tolist()
+    per_seq = 640 // 16
+    seqs = [(n - 1, 1, list(range(i * per_seq, (i + 1) * per_seq))) for i, n in enumerate(lens)]
+    hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    q = torch.randn(batch, hq, d, generator=g).to(dtype)  # [B, Hq, D]
+    k = torch.randn(batch, hkv, d, generator=g).to(dtype)  # [B, Hkv, D]
+    results = {}
+    for name, kwargs in {
+        "per_sequence": {"batched_decode": False},
+        "group_4": {"decode_group_size": 4},
+        "group_8": {"decode_group_size": 8},
+        f"group_{batch}": {"decode_group_size": batch},
+    }.items():
+        attn = PagedAttention(1, batch * per_seq, 16, hkv, d, dtype, **kwargs)
+        attn.prepare(seqs)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            attn(0, q, k, k)
+            best = min(best, time.perf_counter() - t)
+        results[name] = round(1000 * best, 3)
+    return {"batch": batch, "mean_context": round(sum(lens) / batch, 1), "ms_per_layer": results}

@@ -61,6 +61,7 @@ class FrontendConfig:
     request_timeout_s: float | None = 600.0
     tokenizer_threads: int = 2
     retry_after_s: float = 1.0
+    migration_limit: int = 3
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ class Frontend:
         self.model, self.dispatcher, self.config, self.metrics = model, dispatcher, config, metrics
         self.loads = loads
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        self.ctx = ServeContext(model, dispatcher, metrics, config.request_timeout_s)
+        self.ctx = ServeContext(
+            model, dispatcher, metrics, config.request_timeout_s, config.migration_limit
+        )
         self.token_text = functools.lru_cache(maxsize=65536)(
             lambda t: model.tokenizer.decode([t], skip_special_tokens=False)
         )

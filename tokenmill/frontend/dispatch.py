@@ -5,6 +5,10 @@ The decision is a ``RoutePolicy`` (pure: instance ids and tokens in, instance id
 adapts the router core (``tokenmill.router``) when launch wires one in. The dispatcher tells
 the policy when a request's prefill is done (first token) and when it finished, so load-aware
 policies track in-flight work.
+
+An instance that failed a stream (``instance_failed``) is skipped for ``exclude_s`` seconds,
+so requests stop going to a dead worker at the first failure signal, before discovery's
+lease expires.
 """
 
 from __future__ import annotations
@@ -56,21 +60,41 @@ class Dispatcher:
         client: EndpointClient,
         policy: RoutePolicy | None = None,
         observe: RouteObserver | None = None,
+        exclude_s: float = 30.0,
     ):
         self.client = client
         self.policy = policy or RoundRobinPolicy()
         self._observe = observe
+        self.exclude_s = exclude_s
+        self._excluded: dict[str, float] = {}  # instance id -> monotonic time it is allowed again
 
     def set_observer(self, observe: RouteObserver | None) -> None:
         self._observe = observe
 
     def has_instances(self) -> bool:
-        return bool(self.client.instances())
+        return bool(self.live_instances())
+
+    def live_instances(self) -> list[str]:
+        """Instance ids discovery lists now, minus the recently failed ones."""
+        ids = [info.instance_id for info in self.client.instances()]
+        if not self._excluded:
+            return ids
+        now = time.monotonic()
+        for iid in [i for i, until in self._excluded.items() if until <= now]:
+            del self._excluded[iid]
+        return [iid for iid in ids if iid not in self._excluded]
+
+    def instance_failed(self, instance_id: str, request_id: str | None = None) -> None:
+        """Stops routing to ``instance_id`` for ``exclude_s``; ``request_id`` (placed there)
+        is released from the policy's in-flight accounting."""
+        self._excluded[instance_id] = time.monotonic() + self.exclude_s
+        if request_id is not None:
+            self.policy.on_finished(request_id)
 
     async def open(self, request: EngineRequest, deadline_s: float | None) -> ResponseStream:
         """Routes and opens the stream; ``NoInstancesError`` / ``OverloadedError`` when it
         cannot. The caller must call ``finished(request_id)`` once the stream is done."""
-        instance_ids = [info.instance_id for info in self.client.instances()]
+        instance_ids = self.live_instances()
         if not instance_ids:
             raise NoInstancesError("no worker is serving")
         start = time.perf_counter()

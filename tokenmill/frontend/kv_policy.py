@@ -3,8 +3,14 @@ ids to the router's integer worker ids, hashes prompts with ``core.block_hash`` 
 ``cache_salt``), waits while the router queues a request, and raises ``OverloadedError`` when
 it sheds one (HTTP 503 with Retry-After).
 
-In-process there are no KV events on the wire yet, so ``kv`` mode runs the router's
-approximate index (routing decisions predict cache contents) and says so in the log once.
+In-process there are no KV events on the wire, so ``kv`` mode runs the router's approximate
+index (routing decisions predict cache contents) and says so in the log once. Over NATS
+(``events=True``) the index is fed by ``kv_events.KvEventFeed``; ``use_approx()`` falls back
+to the approximate index when a worker publishes nothing.
+
+``listeners`` hear every in-flight change this policy makes (``added`` with the
+placement, ``prefill_done``, ``freed``): ``replicas.ReplicaSync`` shares them with other
+router replicas, and applies theirs through ``router.active``.
 """
 
 from __future__ import annotations
@@ -13,12 +19,20 @@ import asyncio
 import itertools
 import logging
 import time
+from typing import Any
 
 from tokenmill.core.block_hash import block_hashes
 from tokenmill.core.errors import OverloadedError
 from tokenmill.core.request import EngineRequest
-from tokenmill.router.approx import ApproxConfig
-from tokenmill.router.router import KvRouter, Queued, Routed, RouterConfig, Shed
+from tokenmill.router.approx import ApproxConfig, ApproxIndexer
+from tokenmill.router.router import (
+    KvRouter,
+    Queued,
+    Routed,
+    RouteOverrides,
+    RouterConfig,
+    Shed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +40,8 @@ log = logging.getLogger(__name__)
 class KvRouterPolicy:
     def __init__(self, router: KvRouter, retry_after_s: float = 1.0):
         self.router = router
+        # callables (kind, request_id, instance_id, block hashes, prompt tokens, prefill tokens)
+        self.listeners: list[Any] = []
         self.retry_after_s = retry_after_s
         self._worker_ids: dict[str, int] = {}
         self._instance_ids: dict[int, str] = {}
@@ -33,31 +49,72 @@ class KvRouterPolicy:
         self._next_worker_id = itertools.count(1)
 
     @classmethod
-    def create(cls, mode: str, block_size: int = 16) -> KvRouterPolicy:
-        approx = ApproxConfig() if mode == "kv" else None
+    def create(cls, mode: str, block_size: int = 16, events: bool = False) -> KvRouterPolicy:
+        approx = ApproxConfig() if mode == "kv" and not events else None
         if approx is not None:
             log.warning("router: no KV events in-process; kv mode uses the approximate index")
         config = RouterConfig(mode=mode, block_size=block_size, approx=approx)
         return cls(KvRouter(config, time.monotonic))
 
-    async def select(self, request: EngineRequest, instance_ids: list[str]) -> str:
+    def use_approx(self, reason: str) -> None:
+        """Switches to the approximate index (loudly): KV events are missing."""
+        if self.router.approx is None and self.router.config.mode == "kv":
+            log.error("router: %s; kv routing falls back to the APPROXIMATE index "
+                      "(predicted from routing decisions, not from KV events)", reason)  # fmt: skip
+            self.router.approx = ApproxIndexer(self.router.index, ApproxConfig())
+
+    def known_worker_id(self, instance_id: str) -> int | None:
+        return self._worker_ids.get(instance_id)
+
+    def worker_id(self, instance_id: str) -> int:
+        """The router's id of ``instance_id`` (registered on first use)."""
+        wid = self._worker_ids.get(instance_id)
+        if wid is None:
+            wid = next(self._next_worker_id)
+            self._worker_ids[instance_id], self._instance_ids[wid] = wid, instance_id
+            self.router.add_worker(wid)
+        return wid
+
+    async def select(
+        self, request: EngineRequest, instance_ids: list[str], overrides: Any = None
+    ) -> str:
+        """``overrides``: a ``RouteOverrides`` whose ``worker_id`` is an instance id (str)."""
         self._sync_workers(instance_ids)
         prompt = request.prompt_token_ids
         hashes = block_hashes(prompt, self.router.config.block_size, request.cache_salt)
-        decision = self.router.route(request.request_id, hashes, len(prompt))
+        ov = self._overrides(overrides)
+        decision = self.router.route(request.request_id, hashes, len(prompt), ov)
         if isinstance(decision, Shed):
             raise OverloadedError(f"request shed: {decision.reason}", self.retry_after_s)
         if isinstance(decision, Queued):
             decision = await self._wait(request.request_id)
-        return self._instance_ids[decision.worker_id]
+        instance_id = self._instance_ids[decision.worker_id]
+        cached = min(decision.overlap_blocks * self.router.config.block_size, len(prompt))
+        for listener in self.listeners:
+            listener("added", request.request_id, instance_id, hashes, len(prompt),
+                     len(prompt) - cached)  # fmt: skip
+        return instance_id
+
+    def _overrides(self, overrides: Any) -> RouteOverrides | None:
+        if overrides is None:
+            return None
+        pin = overrides.worker_id
+        wid = self._worker_ids.get(pin) if isinstance(pin, str) else pin
+        return RouteOverrides(worker_id=wid, policy=overrides.policy)
 
     def on_prefill_done(self, request_id: str) -> None:
         self.router.mark_prefill_done(request_id)
+        self._notify("prefill_done", request_id)
         self._drain()
 
     def on_finished(self, request_id: str) -> None:
         self.router.mark_finished(request_id)
+        self._notify("freed", request_id)
         self._drain()
+
+    def _notify(self, kind: str, request_id: str) -> None:
+        for listener in self.listeners:
+            listener(kind, request_id, "", (), 0, 0)
 
     async def _wait(self, request_id: str) -> Routed:
         future = asyncio.get_running_loop().create_future()
@@ -78,10 +135,7 @@ class KvRouterPolicy:
     def _sync_workers(self, instance_ids: list[str]) -> None:
         """Adds instances the router has not seen; removes the ones discovery dropped."""
         for iid in instance_ids:
-            if iid not in self._worker_ids:
-                wid = next(self._next_worker_id)
-                self._worker_ids[iid], self._instance_ids[wid] = wid, iid
-                self.router.add_worker(wid)
+            self.worker_id(iid)
         live = set(instance_ids)
         for iid in [i for i in self._worker_ids if i not in live]:
             wid = self._worker_ids.pop(iid)

@@ -1,5 +1,5 @@
 """Runs a prepared request: one engine request per (prompt, choice), routed through the
-dispatcher, detokenized incrementally with stop strings, merged into one stream of
+dispatcher (migrated to another worker if its worker fails: ``migration.py``), detokenized incrementally with stop strings, merged into one stream of
 ``ChoiceEvent``s in arrival order.
 
 Closing the merged stream (client gone, deadline, stop string) closes every worker stream,
@@ -23,6 +23,7 @@ from tokenmill.core.errors import RequestAbortedError, TokenmillError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 from tokenmill.frontend.dispatch import Dispatcher
 from tokenmill.frontend.metrics import FrontendMetrics
+from tokenmill.frontend.migration import DEFAULT_MIGRATION_LIMIT, MigratingStream
 from tokenmill.frontend.preprocess import PreparedRequest, ServedModel
 
 
@@ -50,6 +51,7 @@ class ServeContext:
     dispatcher: Dispatcher
     metrics: FrontendMetrics
     request_timeout_s: float | None = None
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
 
 def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineRequest]:
@@ -80,7 +82,10 @@ async def open_streams(
     streams = []
     try:
         for index, request in enumerate(requests):
-            stream = await ctx.dispatcher.open(request, ctx.request_timeout_s)
+            stream = MigratingStream(
+                ctx.dispatcher, request, ctx.request_timeout_s, ctx.migration_limit
+            )
+            await stream.open()
             ctx.metrics.queue_time.observe(time.monotonic() - arrival)
             streams.append(_choice_events(ctx, index, request, stream, arrival))
     except BaseException:

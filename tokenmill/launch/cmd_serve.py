@@ -22,6 +22,7 @@ ENGINES = ("real", "mocker", "echo")
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "kv")
 BLOCK_SIZE = 16
 MOCKER_NUM_BLOCKS = 16384
+MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
 SHUTDOWN_BACKSTOP_S = 5.0  # after the drain: how long uvicorn waits before cancelling
 
 
@@ -29,27 +30,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model over the OpenAI API")
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--engine", choices=ENGINES, default="real",
+                   help="real model, simulated (mocker), or zero-cost echo")  # fmt: skip
+    add_engine_args(p)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--router-mode", choices=ROUTER_MODES, default="round-robin")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 after")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="drain time on exit")
+    p.add_argument("--workers", type=int, default=0,
+                   help="N > 0: N worker processes over NATS (see cmd_frontend)")  # fmt: skip
+    p.add_argument("--nats", default=None, help="with --workers: an existing NATS server URL")
+    p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
+    p.set_defaults(func=run)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine options ``serve`` and ``worker`` share."""
     p.add_argument(
         "--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)"
     )
     p.add_argument("--served-model-name", default=None, help="the model name clients use")
-    p.add_argument("--engine", choices=ENGINES, default="real",
-                   help="real model, simulated (mocker), or zero-cost echo")  # fmt: skip
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--router-mode", choices=ROUTER_MODES, default="round-robin")
     p.add_argument("--context-length", type=int, default=None, help="override the model's")
     p.add_argument("--mocker-speedup", type=float, default=1.0, help="mocker time compression")
     p.add_argument("--echo-delay", type=float, default=0.0, help="echo engine s per step")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 after")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="drain time on exit")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvloop
+
+    if args.workers > 0:
+        from tokenmill.launch.cmd_frontend import run_with_workers
+
+        return run_with_workers(args)
 
     start = time.monotonic()
     return uvloop.run(_serve(args, start))
@@ -111,6 +126,7 @@ async def build_stack(args: argparse.Namespace) -> Stack:
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
+        migration_limit=getattr(args, "migration_limit", 3),
     )
     return await assemble_stack(engine, model, config, _route_policy(args))
 
@@ -162,7 +178,7 @@ def _real_engine(args: argparse.Namespace):
     eos = tokenizer.eos_token_ids or config.eos_token_ids
     runner = ModelRunner(loaded.model, config, cache.num_blocks, cache.block_size,
                          loaded.dtype, loaded.device, eos_token_ids=eos)  # fmt: skip
-    engine = _async_engine(runner, cache, context, eos, config.vocab_size)
+    engine = _async_engine(runner, cache, context, eos, config.vocab_size, _sink(args))
     return engine, tokenizer, engine.core.max_model_len, loaded.name
 
 
@@ -171,25 +187,35 @@ def _mocker_engine(args: argparse.Namespace):
     from tokenmill.engine.mocker import MockExecutor, TokenSource
 
     tokenizer, context, name = read_tokenizer(args.model)
-    context = args.context_length or context
+    context = args.context_length or max(context, MOCKER_MIN_CONTEXT)
     cache = CacheConfig(BLOCK_SIZE, MOCKER_NUM_BLOCKS)
     tokens = TokenSource(vocab_size=tokenizer.vocab_size)
     executor = MockExecutor(cache.num_blocks, cache.block_size, tokens=tokens,
                             speedup_ratio=args.mocker_speedup)  # fmt: skip
     # The mocker's tokens are arbitrary ids: no EOS, so lengths follow max_tokens.
-    engine = _async_engine(executor, cache, context, (), tokenizer.vocab_size)
+    engine = _async_engine(executor, cache, context, (), tokenizer.vocab_size, _sink(args))
     return engine, tokenizer, engine.core.max_model_len, name
 
 
-def _async_engine(executor, cache, context: int, eos, vocab_size: int):
+def _sink(args: argparse.Namespace):
+    """The KV event sink a worker put in ``args.event_sink`` (None: events are dropped)."""
+    from tokenmill.core.events import null_sink
+
+    return getattr(args, "event_sink", None) or null_sink
+
+
+def _async_engine(executor, cache, context: int, eos, vocab_size: int, event_sink=None):
     """AsyncEngine over ``executor`` whose outputs carry token ids only (``decode=None``): the
-    frontend detokenizes and applies stop strings, so the engine thread does not do it too."""
+    frontend detokenizes and applies stop strings, so the engine thread does not do it too.
+    ``event_sink`` receives the block pool's KV events (from the engine thread)."""
+    from tokenmill.core.events import null_sink
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.engine.config import SchedulerConfig
     from tokenmill.engine.core import EngineCore
     from tokenmill.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(SchedulerConfig(max_model_len=context), cache, eos_token_ids=eos)
+    scheduler = Scheduler(SchedulerConfig(max_model_len=context), cache, eos_token_ids=eos,
+                          event_sink=event_sink or null_sink)  # fmt: skip
     return AsyncEngine(EngineCore(scheduler, executor, vocab_size, decode=None))
 
 

@@ -17,8 +17,11 @@ dumping a worker's state is the caller's business (runtime issue).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat, takewhile
+from operator import and_, neg
 
 from tokenmill.core.events import Cleared, KvEvent, Removed, Stored, Tier
 
@@ -35,6 +38,20 @@ class EventGap:
     got: int
 
 
+def _walk_one(block_hashes: Sequence[int], index: dict[int, int]) -> list[tuple[int, int]]:
+    """``[(mask, n)]`` for one map, with the per-block loop in C: the running AND of the
+    holders' masks stops at the first empty one. A chain of shrinking bit sets never grows
+    numerically, so each distinct mask's last position is found by bisection."""
+    acc = list(takewhile(bool, accumulate(map(index.get, block_hashes, repeat(0)), and_)))
+    ends: list[tuple[int, int]] = []
+    i, n = 0, len(acc)
+    while i < n:
+        mask = acc[i]
+        i = bisect_right(acc, -mask, i, n, key=neg)
+        ends.append((mask & ~acc[i] if i < n else mask, i))
+    return ends
+
+
 class KvIndexer:
     """Block hash -> workers holding it, one map per tier. Not thread safe; pure bookkeeping."""
 
@@ -43,6 +60,7 @@ class KvIndexer:
         self._held: dict[tuple[int, Tier], set[int]] = {}
         self._slot: dict[int, int] = {}  # worker id -> bit index
         self._free_slots: list[int] = []
+        self._worker_of: list[int] = []  # slot -> worker id
         self._next_event_id: dict[int, int] = {}
 
     # ---- workers -------------------------------------------------------------------------
@@ -56,6 +74,9 @@ class KvIndexer:
             return
         slot = self._free_slots.pop() if self._free_slots else len(self._slot)
         self._slot[worker_id] = slot
+        if slot == len(self._worker_of):
+            self._worker_of.append(worker_id)
+        self._worker_of[slot] = worker_id
         self._next_event_id[worker_id] = 0
         for tier in TIERS:
             self._held[(worker_id, tier)] = set()
@@ -92,7 +113,7 @@ class KvIndexer:
             return EventGap(worker, expected, event.event_id)
         return None
 
-    def store(self, worker_id: int, block_hashes: Iterable[int], tier: Tier = Tier.DEVICE) -> None:
+    def store(self, worker_id: int, block_hashes: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Mark ``block_hashes`` as held by ``worker_id`` (idempotent per block)."""
         self.add_worker(worker_id)
         bit = 1 << self._slot[worker_id]
@@ -108,9 +129,12 @@ class KvIndexer:
         held = self._held.get((worker_id, tier))
         if held is None:
             return
-        hashes = [h for h in block_hashes if h in held]
-        held.difference_update(hashes)
-        self._drop(worker_id, tier, hashes)
+        gone = []
+        for h in block_hashes:
+            if h in held:
+                held.discard(h)
+                gone.append(h)
+        self._drop(worker_id, tier, gone)
 
     def clear(self, worker_id: int, tier: Tier = Tier.DEVICE) -> None:
         """Forget every block of ``worker_id`` in ``tier``."""
@@ -140,45 +164,37 @@ class KvIndexer:
         """Like ``find_matches``, but a block counts when any tier of the worker holds it."""
         return self._counts(self._walk(block_hashes, tuple(self._maps.values())))
 
-    def _walk(self, block_hashes: Sequence[int], maps: tuple[dict[int, int], ...]) -> list[tuple[int, int]]:
+    def _walk(
+        self, block_hashes: Sequence[int], maps: tuple[dict[int, int], ...]
+    ) -> list[tuple[int, int]]:
         """``[(mask, n)]``: workers in ``mask`` hold exactly the first n blocks."""
         ends: list[tuple[int, int]] = []
         if len(maps) == 1:
-            get = maps[0].get
-            mask = -1
-            for i, h in enumerate(block_hashes):
-                held = get(h, 0) & mask
-                if held != mask:
-                    if i:
-                        ends.append((mask & ~held, i))
-                    if not held:
-                        return ends
-                    mask = held
-        else:
-            mask = -1
-            for i, h in enumerate(block_hashes):
-                held = 0
-                for m in maps:
-                    held |= m.get(h, 0)
-                held &= mask
-                if held != mask:
-                    if i:
-                        ends.append((mask & ~held, i))
-                    if not held:
-                        return ends
-                    mask = held
+            return _walk_one(block_hashes, maps[0])
+        mask = -1
+        for i, h in enumerate(block_hashes):
+            held = 0
+            for m in maps:
+                held |= m.get(h, 0)
+            held &= mask
+            if held != mask:
+                if i:
+                    ends.append((mask & ~held, i))
+                if not held:
+                    return ends
+                mask = held
         if block_hashes:
             ends.append((mask, len(block_hashes)))
         return ends
 
     def _counts(self, ends: list[tuple[int, int]]) -> dict[int, int]:
         out: dict[int, int] = {}
-        for worker, slot in self._slot.items():
-            bit = 1 << slot
-            for mask, n in ends:
-                if mask & bit:
-                    out[worker] = n
-                    break
+        worker_of = self._worker_of
+        for mask, n in ends:
+            while mask:
+                low = mask & -mask
+                out[worker_of[low.bit_length() - 1]] = n
+                mask ^= low
         return out
 
     def check_integrity(self) -> None:

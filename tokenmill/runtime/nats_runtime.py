@@ -53,6 +53,7 @@ from tokenmill.runtime.wire import InstanceInfo, RequestEnvelope
 
 log = logging.getLogger(__name__)
 REQUEST_PLANES = ("tcp", "nats")
+BLOB_BUCKET = "tokenmill_blobs"
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,28 @@ class NatsRuntime(Runtime):
         sub = NatsSubscription(self.nc, event_subject(namespace, component, topic),
                                topic, message_type, self._subs)
         return sub
+
+    # -- blobs (JetStream object store) ------------------------------------------------
+    async def put_blob(self, name: str, data: bytes) -> None:
+        """Stores ``data`` under ``name`` in the object store (model cards' tokenizers)."""
+        store = await self._blob_store()
+        await store.put(name, data)
+
+    async def get_blob(self, name: str) -> bytes:
+        """The blob stored under ``name``; ``KeyError`` when there is none."""
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        store = await self._blob_store()
+        try:
+            return (await store.get(name)).data
+        except (NotFoundError, ObjectNotFoundError) as exc:
+            raise KeyError(name) from exc
+
+    async def _blob_store(self) -> Any:
+        from nats.js.api import ObjectStoreConfig
+
+        js = self.nc.jetstream()
+        return await js.create_object_store(BLOB_BUCKET, ObjectStoreConfig(bucket=BLOB_BUCKET))
 
     # -- shutdown ---------------------------------------------------------------------
     async def shutdown(self) -> None:

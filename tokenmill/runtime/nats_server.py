@@ -102,8 +102,10 @@ class NatsServer:
         argv = [find_nats_server(), "-a", self.config.host, "-p", str(self.port), "-js",
                 "-sd", os.path.join(self.store_dir, "js"), "--ports_file_dir", ports_dir,
                 "-l", os.path.join(self.store_dir, "nats-server.log")]
-        if self.config.max_payload is not None:
-            argv += ["--max_payload", str(self.config.max_payload)]
+        if self.config.max_payload is not None:  # not a command-line flag: a config file
+            conf = os.path.join(self.store_dir, "nats-server.conf")
+            Path(conf).write_text(f"max_payload: {int(self.config.max_payload)}\n")
+            argv += ["-c", conf]
         return argv
 
     def _check_alive(self, deadline: float) -> None:

@@ -1,9 +1,12 @@
 """A worker: one engine replica served as the runtime endpoint ``generate`` (``EngineRequest``
 in, ``RequestOutput``s out), publishing its load on the event plane.
 
-Life cycle: ``start()`` registers the instance and starts the load publisher; ``stop()``
-deregisters (no new requests), lets in-flight requests finish up to ``drain_timeout_s``,
-aborts the rest and stops publishing. The engine itself is owned by the caller.
+Life cycle: ``start()`` registers the instance (with ``metadata``: the model card) and starts
+the load publisher and, given a ``KvPublisher`` (fed by the engine's KV event sink), the
+``kv_replay`` endpoint under the same instance id; ``stop()`` deregisters (no new requests), lets in-flight requests finish up
+to ``drain_timeout_s``, then evicts the rest: their engine requests are aborted and their
+streams end with ``InstanceFailedError``, so a frontend migrates them to another worker.
+The engine itself is owned by the caller.
 
 Duplicate request ids among in-flight requests are rejected (``DuplicateRequestError``) before
 anything reaches the engine. A client that closes its stream aborts the engine request
@@ -19,9 +22,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenmill.core.errors import EngineDeadError, InvalidRequestError
-from tokenmill.core.request import EngineRequest, RequestOutput
-from tokenmill.runtime.interface import EndpointId, RequestContext, Runtime, ServedEndpoint
+from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
+from tokenmill.runtime.interface import (
+    EndpointId,
+    InstanceFailedError,
+    RequestContext,
+    Runtime,
+    ServedEndpoint,
+)
+from tokenmill.runtime.kv_wire import KV_REPLAY_ENDPOINT, KvReplayRequest, replay_instance_id
 from tokenmill.runtime.wire import LOAD_TOPIC, InstanceInfo, WorkerLoad
+from tokenmill.worker.kv_publisher import KvPublisher
 from tokenmill.worker.protocol import EngineClient, load_from_stats, maybe_await
 
 log = logging.getLogger(__name__)
@@ -48,6 +59,7 @@ class WorkerConfig:
     model_name: str = ""
     load_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
+    metadata: tuple[tuple[str, str], ...] = ()  # extra instance metadata (the model card)
 
     @property
     def endpoint(self) -> EndpointId:
@@ -55,11 +67,20 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, engine: EngineClient, runtime: Runtime, config: WorkerConfig | None = None):
+    def __init__(
+        self,
+        engine: EngineClient,
+        runtime: Runtime,
+        config: WorkerConfig | None = None,
+        kv_publisher: KvPublisher | None = None,
+    ):
         self.engine = engine
+        self.kv_publisher = kv_publisher
+        self._replay: ServedEndpoint | None = None
         self.runtime = runtime
         self.config = config or WorkerConfig()
         self._active: set[str] = set()
+        self._evicted: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._served: ServedEndpoint | None = None
@@ -79,6 +100,7 @@ class Worker:
 
     async def start(self) -> InstanceInfo:
         metadata = {"model": self.config.model_name} if self.config.model_name else {}
+        metadata.update(self.config.metadata)
         self._served = await self.runtime.serve_endpoint(
             self.config.endpoint,
             self.generate,
@@ -87,16 +109,30 @@ class Worker:
             request_type=EngineRequest,
         )
         self._publisher = asyncio.create_task(self._publish_load())
+        if self.kv_publisher is not None:
+            await self._serve_kv_replay(self.kv_publisher, self._served.info.instance_id)
         return self._served.info
+
+    async def _serve_kv_replay(self, publisher: KvPublisher, instance_id: str) -> None:
+        publisher.bind(instance_id)
+        endpoint = EndpointId(self.config.namespace, self.config.component, KV_REPLAY_ENDPOINT)
+        self._replay = await self.runtime.serve_endpoint(
+            endpoint,
+            publisher.replay,
+            instance_id=replay_instance_id(instance_id),
+            request_type=KvReplayRequest,
+        )
 
     async def stop(self, drain_timeout_s: float | None = None) -> int:
         """Deregisters, drains, aborts the rest; returns how many requests were aborted."""
-        if self._served is not None:
-            await self._served.stop()
+        for served in (self._served, self._replay):
+            if served is not None:
+                await served.stop()
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         aborted = list(self._active)
+        self._evicted.update(aborted)
         for request_id in aborted:
             await maybe_await(self.engine.abort(request_id))
         if self._publisher is not None:
@@ -119,10 +155,15 @@ class Worker:
         stream = self.engine.generate(request)
         try:
             async for output in stream:
+                if output.finish_reason is FinishReason.ABORT and request_id in self._evicted:
+                    break
                 yield output
+            if request_id in self._evicted:
+                raise InstanceFailedError(f"worker stopped before request {request_id} ended")
         finally:
             await _close(stream)
             self._active.discard(request_id)
+            self._evicted.discard(request_id)
             if not self._active:
                 self._idle.set()
 

@@ -46,6 +46,9 @@ class Executor(abc.ABC):
     def execute(self, scheduler_output: Any) -> ExecutorOutput:
         """Run one step. Raises only when the whole batch failed."""
 
+    def on_thread_start(self) -> None:  # noqa: B027 - optional hook
+        """Called once in the engine loop's thread before its first step (torch threads)."""
+
     def release(self, request_ids: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """Forget per-request state of finished requests (no-op by default)."""
 

@@ -1,7 +1,7 @@
 """Batched sampling over the logits of the rows that sample this step.
 
 Order of processing for one row (each stage only runs when some row of the batch needs it):
-non-finite check (a row with NaN/+inf logits fails alone) -> logit_bias -> repetition,
+non-finite check (a row with NaN/+inf logits, or only -inf, fails alone) -> logit_bias -> repetition,
 frequency and presence penalties -> min_tokens (EOS and stop ids masked) -> greedy argmax, or
 temperature -> top_k -> top_p -> min_p -> a draw with the row's own generator.
 
@@ -50,11 +50,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> ExecutorOutput:
         """``logits``: [N, V] float32, row i belongs to ``rows[i]``."""
         out = ExecutorOutput()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
+        # -inf entries are legal (masked tokens); NaN, +inf or an all -inf row are not
+        finite = (
+            ~torch.isnan(logits).any(dim=-1) & torch.isfinite(logits.max(dim=-1).values)
+        ).tolist()
         keep = [i for i, ok in enumerate(finite) if ok]
         for i, ok in enumerate(finite):
             if not ok:
-                out.errors[rows[i].request_id] = "non-finite logits (NaN or inf)"
+                out.errors[rows[i].request_id] = "non-finite logits (NaN, +inf or all -inf)"
         if not keep:
             return out
         if len(keep) < len(rows):

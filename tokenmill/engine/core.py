@@ -1,0 +1,248 @@
+"""``EngineCore``: one model replica's synchronous heart (no threads, no torch import).
+
+One ``step()`` = ``scheduler.schedule()`` -> ``executor.execute()`` -> per-request failures
+finished with ERROR -> ``scheduler.update_from_output()`` -> detokenization and stop strings
+-> a list of ``RequestOutput`` (one per request that got tokens or finished this step).
+
+Not thread-safe: the engine loop thread (``loop.py``) or the offline ``LLM`` owns it. Only
+``validate`` is safe from any thread (it reads immutable limits).
+
+Failure isolation: a request whose row failed (NaN logits, an exception re-raised when it
+ran alone) is finished with ``FinishReason.ERROR`` and its blocks are freed; the others go on.
+If ``execute`` raises for the whole batch, every request of that batch fails, the engine
+does not. Exceptions from the scheduler itself propagate: the loop treats them as death.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tokenmill.core.detokenize import IncrementalDetokenizer
+from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
+from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
+from tokenmill.engine.executor.base import Executor, ExecutorOutput
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler_output import RequestUpdate
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[..., str]  # tokenizer.decode(ids, skip_special_tokens=...)
+
+
+@dataclass
+class _Stream:
+    """What the core keeps per unfinished request beyond the scheduler's state."""
+
+    detok: IncrementalDetokenizer | None
+    num_prompt_tokens: int
+    want_logprobs: bool
+
+
+class EngineCore:
+    """Scheduler + executor + detokenization. ``decode`` None: outputs carry no text.
+
+    ``vocab_size``: prompt ids and logit_bias keys must be in ``[0, vocab_size)``.
+    ``clock`` stamps ``arrival_time`` of requests that come without one.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        vocab_size: int,
+        decode: Decode | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.vocab_size = vocab_size
+        self.decode = decode
+        self.clock = clock
+        self.max_model_len = scheduler.max_model_len
+        self._streams: dict[str, _Stream] = {}
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests in
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raises ``InvalidRequestError`` naming the parameter, or ``ContextLengthExceededError``.
+        Pure: safe from any thread."""
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                param="prompt",
+            )
+        params = request.params
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids in [0, {self.vocab_size})", param="logit_bias"
+            )
+        max_tokens = params.max_tokens or 1
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
+                f"context length of {self.max_model_len} tokens",
+                param="max_tokens" if params.max_tokens else "prompt",
+            )
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Validates and queues ``request`` (raises as ``validate`` does, or on a duplicate id)."""
+        self.validate(request)
+        if request.arrival_time is None:
+            request = _with_arrival(request, self.clock())
+        self.scheduler.add_request(request)
+        params = request.params
+        detok = None
+        if self.decode is not None:
+            skip = params.skip_special_tokens
+            detok = IncrementalDetokenizer(
+                lambda ids, _d=self.decode, _s=skip: _d(ids, skip_special_tokens=_s),
+                params.stop,
+                request.prompt_token_ids,
+            )
+        self._streams[request.request_id] = _Stream(
+            detok, len(request.prompt_token_ids), params.logprobs is not None
+        )
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finishes the given requests with ABORT (blocks freed now); unknown ids are ignored."""
+        done = self.scheduler.abort_requests(request_ids)
+        return [self._terminal(r.request_id, FinishReason.ABORT, r) for r in done]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; [] when nothing was scheduled."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if sched.finished_request_ids:
+                self.executor.release(sched.finished_request_ids)
+            return []
+        self.num_steps += 1
+        result = self._execute(sched)
+        outputs = self._fail(result.errors)
+        updates = self.scheduler.update_from_output(sched, result.sampled)
+        outputs.extend(self._output(u, result) for u in updates)
+        return outputs
+
+    def _execute(self, sched) -> ExecutorOutput:
+        try:
+            return self.executor.execute(sched)
+        except Exception as e:  # noqa: BLE001 - the batch fails, the engine does not
+            log.exception("executor failed for a batch of %d requests", len(sched.scheduled))
+            why = f"executor error: {type(e).__name__}: {e}"
+            return ExecutorOutput(errors={s.request_id: why for s in sched.scheduled})
+
+    def _fail(self, errors: dict[str, str]) -> list[RequestOutput]:
+        if not errors:
+            return []
+        done = self.scheduler.finish_requests(list(errors), FinishReason.ERROR)
+        return [
+            self._terminal(r.request_id, FinishReason.ERROR, r, error=errors[r.request_id])
+            for r in done
+        ]
+
+    def _output(self, update: RequestUpdate, result: ExecutorOutput) -> RequestOutput:
+        rid = update.request_id
+        stream = self._streams[rid]
+        finish, stop_reason = update.finish_reason, update.stop_reason
+        text = ""
+        if stream.detok is not None:
+            text = stream.detok.push(update.new_token_ids)
+            if stream.detok.stopped and finish is None:
+                finish, stop_reason = FinishReason.STOP, stream.detok.stop_reason
+                self.scheduler.finish_requests([rid], finish, stop_reason)
+            elif finish is not None:
+                text += stream.detok.flush()
+        if finish is not None:
+            del self._streams[rid]
+        logprobs = result.logprobs.get(rid) if stream.want_logprobs else None
+        return RequestOutput(
+            request_id=rid,
+            new_token_ids=update.new_token_ids,
+            text_delta=text,
+            logprobs=logprobs[: len(update.new_token_ids)] if logprobs else logprobs,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            num_prompt_tokens=update.num_prompt_tokens,
+            num_output_tokens=update.num_output_tokens,
+            num_cached_tokens=update.num_cached_tokens,
+        )
+
+    def _terminal(self, rid: str, reason: FinishReason, request, error: str | None = None):
+        """The last output of a request finished outside ``update_from_output``."""
+        stream = self._streams.pop(rid, None)
+        text = stream.detok.flush() if stream and stream.detok and reason != "error" else ""
+        return RequestOutput(
+            request_id=rid,
+            new_token_ids=[],
+            text_delta=text,
+            finish_reason=reason,
+            error=error,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, float | int]:
+        s = self.scheduler.stats()
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_usage": s.kv_usage,
+            "prefix_hit_rate": s.prefix_hit_rate,
+            "num_preemptions": s.num_preemptions,
+            "num_blocks": self.scheduler.kv.num_blocks,
+            "num_steps": self.num_steps,
+        }
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+        assert set(self._streams) == set(self.scheduler.requests), "core streams out of sync"
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _with_arrival(request: EngineRequest, now: float) -> EngineRequest:
+    import msgspec
+
+    return msgspec.structs.replace(request, arrival_time=now)
+
+
+def build_engine_core(
+    loaded,
+    cache_config,
+    scheduler_config,
+    clock: Callable[[], float] = time.monotonic,
+    **runner_kwargs,
+) -> EngineCore:
+    """An ``EngineCore`` over a ``LoadedModel`` (``tokenmill.engine.loader``) with the real
+    ``ModelRunner``; ``runner_kwargs`` go to ``ModelRunner`` (e.g. ``decode_group_size``)."""
+    from tokenmill.engine.executor.model_runner import ModelRunner
+
+    eos = loaded.tokenizer.eos_token_ids or loaded.config.eos_token_ids
+    scheduler = Scheduler(scheduler_config, cache_config, eos_token_ids=eos)
+    runner = ModelRunner(
+        loaded.model,
+        loaded.config,
+        cache_config.num_blocks,
+        cache_config.block_size,
+        loaded.dtype,
+        loaded.device,
+        eos_token_ids=eos,
+        **runner_kwargs,
+    )
+    return EngineCore(scheduler, runner, loaded.config.vocab_size, loaded.tokenizer.decode, clock)

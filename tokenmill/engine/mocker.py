@@ -1,0 +1,251 @@
+"""The mocker: the real scheduler and block pool with a simulated executor (no torch).
+
+Timing (Dynamo's mocker polynomial by default, so numbers compare with Dynamo's replay):
+
+    prefill_ms(N) = 4.209989e-7 N^2 + 1.518344e-2 N + 16.50142   N = new prompt tokens in the step
+    decode_ms(u)  = max(1, -25.74 u^2 + 54.01 u + 5.74)           u = used blocks / total blocks
+    step_ms       = prefill_ms(N) [if N > 0] + decode_ms(u) [if the step has decode tokens]
+
+"Used" blocks are those referenced by running requests (``SchedulerOutput.num_active_blocks``);
+cached-but-free blocks do not count. A request's first token is the token sampled by the step
+that completes its prefill, so one request alone has TTFT = prefill_ms(N) exactly.
+``ProfileTiming`` interpolates a measured profile instead (JSON: ``{"prefill": [[N, ms], ...],
+"decode": [[u, ms], ...]}``, linear between points, clamped at the ends).
+
+Token ids come from a deterministic function of (request id, position, seed) over a
+configurable vocabulary. For live use ``MockExecutor`` sleeps ``step_ms / speedup_ratio``.
+
+``decode_run_length`` / ``advance_decode`` are a thin fast-forward wrapper around the
+scheduler for offline replay: k pure-decode steps in which nothing but the token counts
+changes (no allocation, no block becoming full, no finish, nobody waiting) are applied to
+the request states directly, giving exactly the state k ``schedule``/``update_from_output``
+rounds would. They touch ``Request`` fields the scheduler owns, so they live here, next to
+the one user that needs them, and are tested against step-by-step execution.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import xxhash
+
+from tokenmill.core.events import KvEventSink, null_sink
+from tokenmill.engine.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.executor.base import Executor, ExecutorOutput
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler_output import SchedulerOutput
+
+_MULT = 0x9E3779B97F4A7C15
+
+
+class StepTiming(Protocol):
+    def prefill_ms(self, num_tokens: int) -> float: ...
+
+    def decode_ms(self, usage: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class PolynomialTiming:
+    """Dynamo's mocker polynomials (defaults); coefficients highest power first."""
+
+    prefill: tuple[float, float, float] = (4.209989e-7, 1.518344e-2, 16.50142)
+    decode: tuple[float, float, float] = (-25.74, 54.01, 5.74)
+    min_decode_ms: float = 1.0
+
+    def prefill_ms(self, num_tokens: int) -> float:
+        a, b, c = self.prefill
+        return a * num_tokens * num_tokens + b * num_tokens + c
+
+    def decode_ms(self, usage: float) -> float:
+        a, b, c = self.decode
+        return max(self.min_decode_ms, a * usage * usage + b * usage + c)
+
+
+class ProfileTiming:
+    """Piecewise-linear interpolation over measured points (see the module docstring)."""
+
+    def __init__(self, prefill: list[tuple[float, float]], decode: list[tuple[float, float]]):
+        if not prefill or not decode:
+            raise ValueError("a timing profile needs at least one prefill and one decode point")
+        self._prefill = sorted(prefill)
+        self._decode = sorted(decode)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileTiming:
+        data = json.loads(Path(path).read_text())
+        return cls([tuple(p) for p in data["prefill"]], [tuple(p) for p in data["decode"]])
+
+    def prefill_ms(self, num_tokens: int) -> float:
+        return _interp(self._prefill, num_tokens)
+
+    def decode_ms(self, usage: float) -> float:
+        return _interp(self._decode, usage)
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float:
+    i = bisect.bisect_left(points, (x, float("-inf")))
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        return points[-1][1]
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def step_ms(timing: StepTiming, out: SchedulerOutput) -> float:
+    """Simulated duration of one scheduled step (0 for an empty step)."""
+    ms = timing.prefill_ms(out.num_prefill_tokens) if out.num_prefill_tokens else 0.0
+    if out.num_decode_tokens:
+        ms += timing.decode_ms(out.num_active_blocks / out.num_total_blocks)
+    return ms
+
+
+class TokenSource:
+    """Deterministic token ids in ``[0, vocab_size)``: ``(key(request id) + position * M) mod
+    vocab_size``, with the key an XXH3 of the request id and M an odd 64-bit constant. Cheap
+    on purpose: the replay draws millions of them."""
+
+    def __init__(self, vocab_size: int = 32_000, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self._keys: dict[str, int] = {}
+
+    def _key(self, request_id: str) -> int:
+        key = self._keys.get(request_id)
+        if key is None:
+            key = self._keys[request_id] = xxhash.xxh3_64_intdigest(
+                request_id.encode(), seed=self.seed
+            )
+        return key
+
+    def token(self, request_id: str, position: int) -> int:
+        return (self._key(request_id) + position * _MULT) % self.vocab_size
+
+    def tokens(self, request_id: str, start: int, stop: int) -> list[int]:
+        """``[token(request_id, p) for p in range(start, stop)]``."""
+        key, vocab = self._key(request_id), self.vocab_size
+        return [(key + p * _MULT) % vocab for p in range(start, stop)]
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self._keys.pop(rid, None)
+
+
+class MockExecutor(Executor):
+    """Simulated executor: samples ``TokenSource`` tokens and prices the step with ``timing``.
+
+    ``speedup_ratio`` None: no sleeping (offline use reads ``last_step_ms``); otherwise each
+    ``execute`` sleeps ``step_ms / speedup_ratio`` through the injected ``sleep``.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        timing: StepTiming | None = None,
+        tokens: TokenSource | None = None,
+        speedup_ratio: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.timing = timing or PolynomialTiming()
+        self.tokens = tokens or TokenSource()
+        self.speedup_ratio = speedup_ratio
+        self._sleep = sleep
+        self.last_step_ms = 0.0
+
+    def sample(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        token = self.tokens.token
+        return {
+            s.request.request_id: [token(s.request.request_id, s.position + s.num_tokens)]
+            for s in out.scheduled
+            if s.samples
+        }
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
+        self.last_step_ms = step_ms(self.timing, scheduler_output)
+        if self.speedup_ratio:
+            self._sleep(self.last_step_ms / 1000.0 / self.speedup_ratio)
+        return ExecutorOutput(sampled=self.sample(scheduler_output))
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        self.tokens.release(request_ids)
+
+
+# ---- fast-forward over pure-decode steps (offline replay) --------------------------------
+def decode_run_length(scheduler: Scheduler) -> int:
+    """How many next steps are pure decode with nothing but token counts changing: every
+    running request decodes, nobody waits, no block is allocated or becomes full, no request
+    finishes (only max_tokens / max_model_len can end one: 0 if any could stop on a token)."""
+    if len(scheduler.waiting) or not scheduler.running:
+        return 0
+    if len(scheduler.running) > scheduler.config.max_num_batched_tokens:
+        return 0
+    size = scheduler.block_size
+    eos = bool(scheduler.eos_token_ids)
+    get_table = scheduler.kv.get_block_ids
+    best = 1 << 62
+    for r in scheduler.running:
+        computed = r.num_computed_tokens
+        if r.num_tokens - computed != 1 or computed < r.num_prompt_tokens:
+            return 0
+        params = r.params
+        if params.stop_token_ids or (eos and not params.ignore_eos):
+            return 0
+        best = min(
+            best,
+            len(get_table(r.request_id)) * size - computed,  # no allocation
+            (size - (computed + 1) % size) % size,  # no block becomes full
+            r.max_tokens - len(r.output_token_ids) - 1,  # no finish by length
+            scheduler.max_model_len - r.num_tokens - 1,
+        )
+    return max(best, 0)
+
+
+def advance_decode(scheduler: Scheduler, tokens: TokenSource, num_steps: int) -> None:
+    """Apply ``num_steps`` (<= ``decode_run_length``) decode steps to the running requests:
+    the same tokens, counts and block hashes as ``num_steps`` real steps. Tokens are appended
+    in bulk; the one that completes a block (at most one per run) goes through
+    ``append_output_token`` so the request hashes that block as it would have."""
+    size = scheduler.block_size
+    for r in scheduler.running:
+        start = r.num_computed_tokens + 1  # all_token_ids index of the first new token
+        new = tokens.tokens(r.request_id, start, start + num_steps)
+        boundary = -(start + 1) % size  # appending new[boundary] makes len % size == 0
+        head = new[:boundary] if boundary < num_steps else new
+        r.output_token_ids.extend(head)
+        r.all_token_ids.extend(head)
+        if boundary < num_steps:
+            r.append_output_token(new[boundary])
+            rest = new[boundary + 1 :]
+            r.output_token_ids.extend(rest)
+            r.all_token_ids.extend(rest)
+        r.num_computed_tokens += num_steps
+
+
+def build_mock_engine_core(
+    scheduler_config: SchedulerConfig,
+    cache_config: CacheConfig,
+    timing: StepTiming | None = None,
+    speedup_ratio: float | None = 1.0,
+    vocab_size: int = 32_000,
+    event_sink: KvEventSink = null_sink,
+    sleep: Callable[[float], None] = time.sleep,
+):
+    """A live ``EngineCore`` whose executor is the mocker: the real scheduler and pool (KV
+    events to ``event_sink``), steps that take ``step_ms / speedup_ratio`` of wall time."""
+    from tokenmill.engine.core import EngineCore
+
+    scheduler = Scheduler(scheduler_config, cache_config, (), event_sink)
+    tokens = TokenSource(vocab_size)
+    executor = MockExecutor(
+        cache_config.num_blocks, cache_config.block_size, timing, tokens, speedup_ratio, sleep
+    )
+    return EngineCore(scheduler, executor, vocab_size)

@@ -1,0 +1,128 @@
+"""Worker-failure migration: one engine request's outputs, continued on another worker when
+the one serving it fails.
+
+``MigratingStream`` opens the request through the ``Dispatcher`` and iterates it. When the
+stream raises ``InstanceFailedError`` (broken connection, sequence gap, inactivity timeout,
+worker shutting down), the failed instance is excluded from routing at once
+(``Dispatcher.instance_failed``) and the request is re-sent to another instance as a
+*continuation*: the same request id, the prompt plus every token generated so far, and
+``max_tokens``/``min_tokens`` reduced by that many. Greedy (and the mocker's position-based)
+tokens are therefore exactly those of an uninterrupted run, so the client's text has no gap
+and no duplicate. Counts in the outputs are rewritten to the client's view (original prompt
+length, total output tokens). At most ``limit`` migrations per request; beyond that, or with
+no instance left, the error reaches the client (503 / SSE error event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import msgspec
+
+from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
+from tokenmill.frontend.dispatch import Dispatcher
+from tokenmill.runtime.interface import InstanceFailedError, ResponseStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIGRATION_LIMIT = 3
+
+
+def continuation(request: EngineRequest, generated: list[int]) -> EngineRequest:
+    """``request`` resumed after ``generated`` tokens: prompt + generated as the prompt, the
+    token budgets reduced accordingly. Requires ``len(generated) < max_tokens``."""
+    params = request.params
+    max_tokens = None if params.max_tokens is None else params.max_tokens - len(generated)
+    params = msgspec.structs.replace(
+        params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - len(generated))
+    )
+    prompt = [*request.prompt_token_ids, *generated]
+    return msgspec.structs.replace(request, prompt_token_ids=prompt, params=params)
+
+
+class MigratingStream:
+    """Async iterator of ``RequestOutput``s for ``request``; call ``open()`` first (routing
+    errors, e.g. shedding, surface there). ``aclose()`` closes the current worker stream."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        request: EngineRequest,
+        deadline_s: float | None,
+        limit: int = DEFAULT_MIGRATION_LIMIT,
+    ):
+        self.dispatcher, self.request, self.limit = dispatcher, request, limit
+        self._deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self._stream: ResponseStream | None = None
+        self._generated: list[int] = []
+        self._base = 0  # output tokens generated before the current worker's stream
+        self.migrations = 0
+        self.instances: list[str] = []  # every instance that served this request, in order
+
+    async def open(self) -> MigratingStream:
+        await self._open(self.request)
+        return self
+
+    async def _open(self, request: EngineRequest) -> None:
+        self._stream = await self.dispatcher.open(request, self._time_left())
+        self.instances.append(self._stream.instance_id)
+
+    def _time_left(self) -> float | None:
+        return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
+
+    def __aiter__(self) -> MigratingStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while True:
+            assert self._stream is not None, "open() first"
+            try:
+                out = await self._stream.__anext__()
+            except InstanceFailedError as exc:
+                done = await self._migrate(exc)
+                if done is not None:
+                    return done
+                continue
+            return self._rewrite(out)
+
+    def _rewrite(self, out: RequestOutput) -> RequestOutput:
+        self._generated.extend(out.new_token_ids)
+        out.num_prompt_tokens = len(self.request.prompt_token_ids)
+        out.num_output_tokens += self._base
+        return out
+
+    async def _migrate(self, exc: InstanceFailedError) -> RequestOutput | None:
+        """Moves the request to another instance; returns a final output instead when the
+        failed worker had already produced every token."""
+        assert self._stream is not None
+        failed = self._stream.instance_id
+        with contextlib.suppress(Exception):
+            await self._stream.aclose()
+        self.dispatcher.instance_failed(failed, self.request.request_id)
+        if self.migrations >= self.limit:
+            raise exc
+        self.migrations += 1
+        log.warning("request %s: instance %s failed (%s); migrating after %d tokens (%d/%d)",
+                    self.request.request_id, failed, exc, len(self._generated),
+                    self.migrations, self.limit)  # fmt: skip
+        max_tokens = self.request.params.max_tokens
+        if max_tokens is not None and len(self._generated) >= max_tokens:
+            return self._length_done()
+        self._base = len(self._generated)
+        await self._open(continuation(self.request, self._generated))
+        return None
+
+    def _length_done(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request.request_id,
+            new_token_ids=[],
+            finish_reason=FinishReason.LENGTH,
+            num_prompt_tokens=len(self.request.prompt_token_ids),
+            num_output_tokens=len(self._generated),
+        )
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()

@@ -1,0 +1,139 @@
+"""Mooncake JSONL traces as token-level requests for the replay.
+
+Each trace hash id stands for one block of ``trace_block_size`` tokens; it maps to a
+deterministic pseudo-random block of token ids (same id, same tokens, for any run and seed),
+and a prompt is its blocks concatenated, the last one cut to ``input_length``. Requests that
+share a timestamp arrive together (the trace's ~3 s buckets fire as bursts); arrival times
+are ``(timestamp - first timestamp) / arrival_speed`` ms.
+
+The engine's block hashes (``core.block_hash``, ``block_size`` tokens) of a prompt are
+assembled from a per-(parent, hash id) cache, so each trace block is hashed once per run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokenmill.core.block_hash import block_hashes
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    request_id: str
+    arrival_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def read_mooncake(
+    path: str | Path, max_requests: int | None = None, arrival_speed: float = 1.0
+) -> list[TraceRequest]:
+    """The trace's requests in file order (stable for equal timestamps)."""
+    if arrival_speed <= 0:
+        raise ValueError("arrival_speed must be > 0")
+    rows = list(_rows(path, max_requests))
+    t0 = min((r["timestamp"] for r in rows), default=0)
+    return [
+        TraceRequest(
+            f"req-{i}",
+            (r["timestamp"] - t0) / arrival_speed,
+            int(r["input_length"]),
+            max(1, int(r["output_length"])),
+            tuple(r["hash_ids"]),
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def _rows(path: str | Path, max_requests: int | None) -> Iterator[dict]:
+    with open(path) as f:
+        for n, line in enumerate(ln for ln in f if ln.strip()):
+            if max_requests is not None and n >= max_requests:
+                return
+            yield json.loads(line)
+
+
+class TraceTokens:
+    """Token ids and engine block hashes of trace prompts."""
+
+    def __init__(self, trace_block_size: int = 512, block_size: int = 64, vocab_size: int = 32_000):
+        if trace_block_size % block_size:
+            raise ValueError("trace_block_size must be a multiple of block_size")
+        self.trace_block_size = trace_block_size
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self._offsets = np.arange(trace_block_size, dtype=np.uint64) * _GOLD
+        self._hashes: dict[tuple[int | None, int], list[int]] = {}
+
+    def block_tokens(self, hash_id: int) -> np.ndarray:
+        """The ``trace_block_size`` token ids of ``hash_id`` (a multiply-xorshift mix of id and position)."""
+        return self._tokens(np.array([hash_id], dtype=np.uint64))[0]
+
+    def _tokens(self, hash_ids: np.ndarray) -> np.ndarray:
+        """``[len(hash_ids), trace_block_size]`` token ids, all blocks in one vector pass."""
+        with np.errstate(over="ignore"):
+            x = (hash_ids[:, None] + np.uint64(1)) * np.uint64(0x632BE59BD9B4E019) + self._offsets
+            x = (x ^ (x >> np.uint64(29))) * _M1
+            x ^= x >> np.uint64(32)
+        return (x % np.uint64(self.vocab_size)).astype(np.int64)
+
+    def prompt(self, req: TraceRequest) -> tuple[list[int], list[int]]:
+        """``(token ids, sequence hashes of its full block_size blocks)`` of a prompt."""
+        blocks = self._tokens(np.array(req.hash_ids, dtype=np.uint64))
+        tokens = blocks.ravel()[: req.input_length].tolist()
+        return tokens, self._hashes_of(req, blocks)
+
+    def prompt_tokens(self, req: TraceRequest) -> list[int]:
+        return self.prompt(req)[0]
+
+    def prompt_hashes(self, req: TraceRequest) -> list[int]:
+        """Sequence hashes of the prompt's full ``block_size`` blocks (what the engine caches)."""
+        return self.prompt(req)[1]
+
+    def _hashes_of(self, req: TraceRequest, blocks: np.ndarray) -> list[int]:
+        out: list[int] = []
+        parent: int | None = None
+        cache = self._hashes
+        for i, h in enumerate(req.hash_ids):
+            key = (parent, h)
+            chunk = cache.get(key)
+            if chunk is None:
+                chunk = cache[key] = block_hashes(blocks[i], self.block_size, parent=parent)
+            out.extend(chunk)
+            parent = chunk[-1]
+        return out[: req.input_length // self.block_size]
+
+
+def scaled_copies(
+    requests: list[TraceRequest], num_requests: int, shift_ms: float
+) -> list[TraceRequest]:
+    """``num_requests`` requests from copies of ``requests``: copy k has its hash ids moved
+    past every id of the copies before it (no prefix is shared across copies) and its
+    arrivals shifted by ``k * shift_ms`` (a small shift overlaps the copies: k copies are k
+    times the load)."""
+    span = 1 + max((h for r in requests for h in r.hash_ids), default=0)
+    out: list[TraceRequest] = []
+    k = 0
+    while len(out) < num_requests and requests:
+        for r in requests[: num_requests - len(out)]:
+            ids = tuple(h + k * span for h in r.hash_ids)
+            out.append(
+                TraceRequest(
+                    f"{r.request_id}-c{k}",
+                    r.arrival_ms + k * shift_ms,
+                    r.input_length,
+                    r.output_length,
+                    ids,
+                )
+            )
+        k += 1
+    return sorted(out, key=lambda r: r.arrival_ms)
