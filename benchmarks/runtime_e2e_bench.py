@@ -2,10 +2,11 @@
 processes over NATS discovery + the TCP request plane) against the single-process mode
 (``tokenmill serve``, in-process runtime), same run, same client, at concurrency 32 and 128.
 
-    python benchmarks/runtime_e2e_bench.py [--requests 2000] [--workers 2]
+    python benchmarks/runtime_e2e_bench.py [--requests 1000] [--workers 2] [--runs 3]
 
 Non-streaming completions, 16 output tokens, mocker speedup 1000 (steps cost ~nothing, so the
-figure is the serving path's overhead). Writes ``benchmarks/results/runtime_e2e.json``.
+figure is the serving path's overhead). The two modes alternate for ``--runs`` rounds (fresh
+servers each round); medians and every sample go to ``benchmarks/results/runtime_e2e.json``.
 """
 
 from __future__ import annotations
@@ -86,21 +87,32 @@ def main() -> None:
     from tiny_models import make_tiny_hf_model
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    import statistics
     import tempfile
 
     model_dir = make_tiny_hf_model(Path(tempfile.mkdtemp()), "llama3")
-    single = run_mode(model_dir, 0, args.requests)
-    multi = run_mode(model_dir, args.workers, args.requests)
+    samples: dict[str, list[dict[int, float]]] = {"single": [], "workers": []}
+    for _ in range(args.runs):
+        samples["single"].append(run_mode(model_dir, 0, args.requests))
+        samples["workers"].append(run_mode(model_dir, args.workers, args.requests))
+    med = {mode: {c: statistics.median(s[c] for s in runs) for c in CONCURRENCY}
+           for mode, runs in samples.items()}  # fmt: skip
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
         "requests_per_concurrency": args.requests,
         "workers": args.workers,
-        "single_process_rps": {str(c): round(v, 1) for c, v in single.items()},
-        "worker_processes_rps": {str(c): round(v, 1) for c, v in multi.items()},
-        "ratio_workers_to_single": {str(c): round(multi[c] / single[c], 3) for c in single},
+        "runs": args.runs,
+        "single_process_rps_median": {str(c): round(v, 1) for c, v in med["single"].items()},
+        "worker_processes_rps_median": {str(c): round(v, 1) for c, v in med["workers"].items()},
+        "ratio_workers_to_single": {
+            str(c): round(med["workers"][c] / med["single"][c], 3) for c in CONCURRENCY
+        },
+        "samples_rps": {mode: [{str(c): round(v, 1) for c, v in s.items()} for s in runs]
+                        for mode, runs in samples.items()},  # fmt: skip
     }
     out = REPO / "benchmarks" / "results" / "runtime_e2e.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

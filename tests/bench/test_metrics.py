@@ -9,6 +9,7 @@ from tokenmill.bench.metrics import (
     RequestTiming,
     SlaConfig,
     cached_token_ratio,
+    distribution,
     distribution_ms,
     e2e_s,
     is_good,
@@ -35,6 +36,17 @@ def test_percentile_is_linear_interpolation_like_numpy():
 def test_distribution_is_in_ms_and_empty_is_none():
     assert distribution_ms([0.001, 0.003]) == {"mean": 2.0, "p50": 2.0, "p90": 2.8, "p99": 2.98}
     assert distribution_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+    dist = distribution([4.0, 1.0, 3.0, 2.0])  # any unit, unsorted input
+    assert dist == pytest.approx({"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97}, abs=1e-12)
+
+
+def test_no_data_is_none_never_zero():
+    failed = RequestTiming(0, None, None, 0.1, 0, error="timeout")
+    s = summarize([failed], duration_s=0.0)
+    assert s["ttft"]["mean"] is None and s["itl"]["p99"] is None and s["e2e"]["p50"] is None
+    assert s["requests_per_s"] is None and s["goodput"]["requests_per_s"] is None
+    assert s["goodput"]["fraction"] == 0.0 and s["kv_reuse_ratio"] is None
+    assert summarize([], duration_s=1.0)["goodput"]["fraction"] is None
 
 
 def test_per_request_definitions():
@@ -84,49 +96,3 @@ def test_cached_ratio_counts_only_reporting_successes():
     ]
     assert cached_token_ratio(ts) == pytest.approx(50 / 400)
     assert cached_token_ratio([_ok(0, 1, 1, 1, 1, prompt=10)]) is None
-
-
-def test_agrees_with_the_offline_replay_report():
-    """tokenmill replay (tokenmill/sim/report.py) and bench serve report the same numbers for
-    the same requests (the replay rounds to 3 decimals)."""
-    import random
-    from types import SimpleNamespace
-
-    report = pytest.importorskip("tokenmill.sim.report")
-    rng = random.Random(7)
-    sim_records, timings = [], []
-    for i in range(200):
-        arrival = rng.uniform(0, 10_000)
-        first = arrival + rng.expovariate(1 / 500)
-        n = rng.choice([1, 2, 5, 40])
-        finish = first + n * rng.uniform(5, 40)
-        cached = rng.choice([0, 512, 1024])
-        sim_records.append(
-            report.RequestRecord(
-                f"r{i}",
-                arrival,
-                2048,
-                n,
-                worker=0,
-                first_token_ms=first,
-                finish_ms=finish,
-                num_output_tokens=n,
-                num_cached_tokens=cached,
-            )
-        )
-        timings.append(
-            RequestTiming(arrival / 1e3, first / 1e3, finish / 1e3, finish / 1e3, n, 2048, cached)
-        )
-    cfg = SimpleNamespace(sla_ttft_ms=600.0, sla_itl_ms=25.0, num_workers=1)
-    offline = report.build_report(cfg, sim_records, [], {})
-    duration = max(t.end_s for t in timings) - min(t.arrival_s for t in timings)
-    online = summarize(timings, duration, SlaConfig(600.0, 25.0))
-    for key in ("ttft", "itl", "e2e"):
-        for stat, value in online[key].items():
-            assert offline[key][stat] == pytest.approx(value, abs=1e-3), (key, stat)
-    assert offline["goodput"]["requests"] == online["goodput"]["requests"]
-    assert offline["goodput"]["fraction"] == pytest.approx(online["goodput"]["fraction"], abs=1e-4)
-    for key in ("requests_per_s", "output_tokens_per_s"):
-        assert offline[key] == pytest.approx(online[key], abs=1e-3)
-    assert offline["output_tokens"] == online["output_tokens"]
-    assert offline["kv_reuse_ratio"] == pytest.approx(online["kv_reuse_ratio"], abs=1e-4)

@@ -114,29 +114,24 @@ async def test_unreachable_server_and_empty_window_are_clear_errors():
         )
 
 
+def _synthetic_cli(url: str, requests: int, rate: int, prefix: int, suffix: int) -> list[str]:
+    """``python -m tokenmill.launch.bench_serve_cli`` on a synthetic shared-prefix workload
+    with 4 output tokens per request."""
+    return [
+        sys.executable,
+        "-m",
+        "tokenmill.launch.bench_serve_cli",
+        *("--url", url, "--model", "m", "--format", "synthetic-prefix"),
+        *("--synthetic-requests", str(requests), "--synthetic-rate", str(rate)),
+        *("--prefix-tokens", str(prefix), "--suffix-tokens", str(suffix), "--output-tokens", "4"),
+    ]
+
+
 async def test_cli_with_pipes_prints_clean_json_and_no_bar_frames(fake_server, tmp_path):
     kinds = iter(["ok", "http_503"] + ["ok"] * 20)
     server = await fake_server(lambda n, body: Script(kind=next(kinds), ttft_s=0.01, itl_s=0.002))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenmill.launch.bench_serve_cli",
-        "--url",
-        server.url,
-        "--model",
-        "m",
-        "--format",
-        "synthetic-prefix",
-        "--synthetic-requests",
-        "6",
-        "--synthetic-rate",
-        "50",
-        "--prefix-tokens",
-        "32",
-        "--suffix-tokens",
-        "8",
-        "--output-tokens",
-        "4",
+        *_synthetic_cli(server.url, requests=6, rate=50, prefix=32, suffix=8),
         "--output-dir",
         str(tmp_path),
         "--no-plots",
@@ -157,25 +152,7 @@ async def test_cli_draws_the_progress_bar_on_a_terminal(fake_server, tmp_path):
     server = await fake_server(lambda n, body: Script(ttft_s=0.01, itl_s=0.002))
     master, slave = os.openpty()  # stderr is a terminal (size 0x0: the 80x24 fallback)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tokenmill.launch.bench_serve_cli",
-        "--url",
-        server.url,
-        "--model",
-        "m",
-        "--format",
-        "synthetic-prefix",
-        "--synthetic-requests",
-        "4",
-        "--synthetic-rate",
-        "100",
-        "--prefix-tokens",
-        "16",
-        "--suffix-tokens",
-        "4",
-        "--output-tokens",
-        "4",
+        *_synthetic_cli(server.url, requests=4, rate=100, prefix=16, suffix=4),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=slave,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tokenmill.bench.traces import (
@@ -15,6 +16,7 @@ from tokenmill.bench.traces import (
     ideal_prefix_hit_ratio,
     load_workload,
     mooncake_block_tokens,
+    mooncake_tokens,
     read_aibrix,
     read_azure,
     read_mooncake,
@@ -25,7 +27,9 @@ from tokenmill.bench.traces import (
 
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 MOONCAKE_OK = '{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [7, 9]}'
-AIBRIX_OK = '{"timestamp": 10, "requests": [{"Prompt Length": 3, "Output Length": 2, "prompt": "hi"}]}'
+AIBRIX_OK = (
+    '{"timestamp": 10, "requests": [{"Prompt Length": 3, "Output Length": 2, "prompt": "hi"}]}'
+)
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
 AZURE_OK = "2023-11-16 18:15:46.6805900,374,44"
 
@@ -53,14 +57,22 @@ def test_mooncake_block_tokens_is_the_documented_mix():
     assert mooncake_block_tokens(7).tolist() != mooncake_block_tokens(8).tolist()
 
 
-def test_offline_replay_uses_the_same_tokens():
-    """Online (bench serve) and offline (tokenmill replay) must build identical prompts."""
-    sim_trace = pytest.importorskip("tokenmill.sim.trace")
-    tokens = sim_trace.TraceTokens(trace_block_size=512, block_size=64, vocab_size=32000)
-    for hash_id in (0, 1, 46, 12345, 2**40 + 3):
-        assert tokens.block_tokens(hash_id).tolist() == mooncake_block_tokens(hash_id).tolist()
-    req = sim_trace.TraceRequest("r", 0.0, 600, 5, (7, 9))
-    assert tokens.prompt_tokens(req) == TraceRequest(0.0, 600, 5, ((7, 512), (9, 88))).prompt_token_ids()
+def test_mooncake_tokens_vectorized_rows_are_the_blocks():
+    ids = np.array([0, 1, 46, 12345, 2**40 + 3, 2**64 - 1], dtype=np.uint64)
+    rows = mooncake_tokens(ids, 512, vocab_size=256)
+    assert rows.shape == (6, 512) and rows.dtype == np.int64
+    for row, hash_id in zip(rows, ids.tolist(), strict=True):
+        assert row.tolist() == mooncake_block_tokens(hash_id, 512, vocab_size=256).tolist()
+    assert rows[5, :3].tolist() == [_reference(2**64 - 1, i) % 256 for i in range(3)]
+    with pytest.raises(ValueError):
+        mooncake_tokens(ids, 4, vocab_size=10, min_token_id=10)
+
+
+def test_read_mooncake_max_requests(tmp_path):
+    later = MOONCAKE_OK.replace('"timestamp": 0', '"timestamp": 5')
+    path = _write(tmp_path, "t.jsonl", [MOONCAKE_OK, later, "{not json"])
+    assert [r.arrival_ms for r in read_mooncake(path, max_requests=2)] == [0.0, 5.0]
+    assert read_mooncake(path, max_requests=0) == []
 
 
 def test_mooncake_prompt_is_blocks_cut_to_input_length(tmp_path):
@@ -78,9 +90,12 @@ def test_mooncake_prompt_is_blocks_cut_to_input_length(tmp_path):
         ("{not json", "not valid JSON"),
         ('{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [7]}', "hash_ids"),
         ('{"timestamp": -1, "input_length": 6, "output_length": 5, "hash_ids": [7]}', "timestamp"),
-        ('{"timestamp": 0, "input_length": "6", "output_length": 5, "hash_ids": [7]}', "input_length"),
+        (
+            '{"timestamp": 0, "input_length": "6", "output_length": 5, "hash_ids": [7]}',
+            "input_length",
+        ),
         ('{"timestamp": 0, "input_length": 6, "hash_ids": [7]}', "output_length"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
     ],
 )
 def test_mooncake_rejects_malformed_row_naming_the_line(tmp_path, row, why):
@@ -116,7 +131,9 @@ def test_azure_rejects_malformed_row_naming_the_line(tmp_path, row, why):
 def test_azure_header_checked_and_times_become_ms_offsets(tmp_path):
     with pytest.raises(TraceError, match=r":1: expected header"):
         read_azure(_write(tmp_path, "bad.csv", ["a,b,c", AZURE_OK]))
-    path = _write(tmp_path, "a.csv", [AZURE_HEADER, AZURE_OK, "2023-11-16 18:15:50.9951690,396,109"])
+    path = _write(
+        tmp_path, "a.csv", [AZURE_HEADER, AZURE_OK, "2023-11-16 18:15:50.9951690,396,109"]
+    )
     first, second = read_azure(path)
     assert first.arrival_ms == 0.0
     assert second.arrival_ms == pytest.approx(4314.579, abs=1e-3)
@@ -130,8 +147,10 @@ def test_azure_header_checked_and_times_become_ms_offsets(tmp_path):
     [
         ('{"timestamp": 20, "requests": []}', "non-empty list"),
         ('{"timestamp": 20, "requests": [{"Prompt Length": 3, "Output Length": 2}]}', "prompt"),
-        ('{"timestamp": 20, "requests": [{"Prompt Length": 0, "Output Length": 2, "prompt": "x"}]}',
-         "Prompt Length"),
+        (
+            '{"timestamp": 20, "requests": [{"Prompt Length": 0, "Output Length": 2, "prompt": "x"}]}',
+            "Prompt Length",
+        ),
         ('{"requests": [{"Prompt Length": 3, "Output Length": 2, "prompt": "x"}]}', "timestamp"),
         ('{"timestamp": 20, "requests": ["x"]}', "object"),
     ],
@@ -144,12 +163,21 @@ def test_aibrix_rejects_malformed_row_naming_the_line(tmp_path, row, why):
 
 
 def test_aibrix_expands_instants_and_rebases(tmp_path):
-    two = json.dumps({"timestamp": 30, "requests": [
-        {"Prompt Length": 4, "Output Length": 0, "prompt": "a b"},
-        {"Prompt Length": 5, "Output Length": 1, "prompt": "c"}]})
+    two = json.dumps(
+        {
+            "timestamp": 30,
+            "requests": [
+                {"Prompt Length": 4, "Output Length": 0, "prompt": "a b"},
+                {"Prompt Length": 5, "Output Length": 1, "prompt": "c"},
+            ],
+        }
+    )
     reqs = read_aibrix(_write(tmp_path, "w.jsonl", [AIBRIX_OK, two]))
     assert [(r.arrival_ms, r.prompt_text, r.num_output_tokens) for r in reqs] == [
-        (0.0, "hi", 2), (20.0, "a b", 0), (20.0, "c", 1)]
+        (0.0, "hi", 2),
+        (20.0, "a b", 0),
+        (20.0, "c", 1),
+    ]
     with pytest.raises(ValueError, match="text prompt"):
         reqs[0].prompt_token_ids()
 
@@ -179,8 +207,14 @@ def test_synthetic_shared_prefix_shares_exactly_the_group_prefix():
 
 
 def test_multi_turn_extends_the_previous_turn():
-    cfg = SyntheticConfig(num_requests=8, num_turns=4, prefix_tokens=32, suffix_tokens=8,
-                          output_tokens=4, think_time_s=1.0)
+    cfg = SyntheticConfig(
+        num_requests=8,
+        num_turns=4,
+        prefix_tokens=32,
+        suffix_tokens=8,
+        output_tokens=4,
+        think_time_s=1.0,
+    )
     reqs = synthetic_multi_turn(cfg)
     by_session = {}
     for r in reqs:

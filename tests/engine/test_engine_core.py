@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from tests.engine.tiny_models import make_tiny_hf_model
 from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
@@ -37,9 +36,9 @@ class FaultyModel:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(tiny_model_dir):
     torch.set_num_threads(1)
-    path = make_tiny_hf_model(tmp_path_factory.mktemp("m"), "smollm2")
+    path = tiny_model_dir("smollm2")
     base = load_model(path, dtype="fp32", device="cpu")
     return dataclasses.replace(base, model=FaultyModel(base.model))
 

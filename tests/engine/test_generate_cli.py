@@ -7,8 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from tiny_models import make_tiny_hf_model
 
 from tokenmill.engine.loader import load_model
 from tokenmill.engine.reference import greedy_generate
@@ -16,16 +14,8 @@ from tokenmill.launch.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("generate"), "smollm2")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("smollm2")
 
 
 def expected_answer(model_dir, messages, max_tokens: int) -> str:

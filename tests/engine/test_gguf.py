@@ -41,14 +41,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def token_fields() -> dict:
     fields = byte_level_fields(tiny_tokenizer(), "gpt2", SPECIAL_TOKENS)
     ids = {t: fields["tokenizer.ggml.tokens"].index(t) for t in SPECIAL_TOKENS}

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from tests.engine.tiny_models import make_tiny_hf_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.core.errors import InvalidRequestError
 from tokenmill.core.request import FinishReason
@@ -15,9 +14,9 @@ from tokenmill.engine.reference import greedy_generate
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def llm(tiny_model_dir):
     torch.set_num_threads(1)
-    path = make_tiny_hf_model(tmp_path_factory.mktemp("m"), "llama3")
+    path = tiny_model_dir("llama3")
     return LLM(model=path, dtype="fp32", device="cpu", block_size=4, num_blocks=64)
 
 

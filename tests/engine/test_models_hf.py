@@ -27,14 +27,6 @@ TEXTS = ["Hello", "The capital of France is", "def add(a, b): return a + b  # 12
 VARIANTS = [(family, None) for family in FAMILIES] + [("llama2", True), ("qwen3", True)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prompts() -> list[list[int]]:
     return [tiny_tokenizer().encode(text).ids for text in TEXTS]
 

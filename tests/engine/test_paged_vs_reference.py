@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.tiny_models import make_tiny_hf_model
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
@@ -23,9 +22,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module", params=["smollm2", "llama3"])
-def loaded(request, tmp_path_factory):
+def loaded(request, tiny_model_dir):
     torch.set_num_threads(1)
-    path = make_tiny_hf_model(tmp_path_factory.mktemp("m"), request.param)
+    path = tiny_model_dir(request.param)
     return load_model(path, dtype="fp32", device="cpu")
 
 

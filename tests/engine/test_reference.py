@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf_model, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 from tokenmill.engine.models.hf_loader import load_hf_model
 from tokenmill.engine.reference import ContiguousKVCache, greedy_generate, reference_logits
@@ -12,17 +12,9 @@ from tokenmill.engine.reference import ContiguousKVCache, greedy_generate, refer
 TEXTS = ["Hi", "The quick brown fox", "Once upon a time, a small model learned to count: 1, 2, 3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("ref"), "qwen3")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3")
 
 
 @pytest.fixture(scope="module")

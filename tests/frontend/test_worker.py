@@ -10,6 +10,7 @@ import pytest
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.runtime.inprocess import InProcessRuntime
+from tokenmill.runtime.interface import InstanceFailedError
 from tokenmill.runtime.wire import LOAD_TOPIC
 from tokenmill.worker.echo_engine import EchoConfig, EchoEngine
 from tokenmill.worker.worker import DuplicateRequestError, Worker, WorkerConfig
@@ -63,21 +64,28 @@ async def test_closing_the_stream_aborts_and_frees_blocks():
     await worker.stop()
 
 
-async def test_stop_drains_in_flight_then_aborts_the_rest():
+async def test_stop_drains_in_flight_then_evicts_the_rest_for_migration():
     engine, worker, runtime = await start(delay=0.001)
     client = runtime.client(worker.config.endpoint)
     short = client.generate(request("short", max_tokens=3), "short")
     long = client.generate(request("long", max_tokens=100000), "long")
 
     async def collect(stream):
-        return [o async for o in stream]
+        outs = []
+        try:
+            async for o in stream:
+                outs.append(o)
+        except InstanceFailedError as exc:  # evicted: a frontend migrates it
+            outs.append(exc)
+        return outs
 
     tasks = [asyncio.create_task(collect(short)), asyncio.create_task(collect(long))]
     await asyncio.sleep(0.01)  # both running
-    assert await worker.stop(drain_timeout_s=0.05) == 1  # "long" aborted
+    assert await worker.stop(drain_timeout_s=0.05) == 1  # "long" evicted
     short_outs, long_outs = await asyncio.gather(*tasks)
     assert short_outs[-1].finish_reason is FinishReason.LENGTH
-    assert long_outs[-1].finish_reason is FinishReason.ABORT
+    assert isinstance(long_outs[-1], InstanceFailedError)
+    assert all(o.finish_reason is None for o in long_outs[:-1])
     assert client.instances() == []
     assert engine.num_used_blocks == 0
     engine.check_integrity()

@@ -7,13 +7,13 @@ import asyncio
 
 import msgspec
 import pytest
+from runtime_handlers import Recorder
 
 from tokenmill.runtime.inprocess import InProcessRuntime
 from tokenmill.runtime.interface import (
     DeadlineExceededError,
     EndpointId,
     NoInstancesError,
-    RequestContext,
 )
 from tokenmill.runtime.wire import (
     WIRE_VERSION,
@@ -24,29 +24,6 @@ from tokenmill.runtime.wire import (
 )
 
 EP = EndpointId("ns", "backend", "generate")
-
-
-class Recorder:
-    """A handler that yields ``count`` items, one per ``step`` event, and records its end."""
-
-    def __init__(self, count: int = 3, gated: bool = False):
-        self.count, self.gated = count, gated
-        self.step = asyncio.Event()
-        self.ended: list[str] = []
-        self.contexts: list[RequestContext] = []
-
-    async def __call__(self, request: str, ctx: RequestContext):
-        self.contexts.append(ctx)
-        try:
-            for i in range(self.count):
-                if self.gated:
-                    await self.step.wait()
-                    self.step.clear()
-                yield f"{request}-{i}"
-            self.ended.append("done")
-        except (GeneratorExit, asyncio.CancelledError):
-            self.ended.append("cancelled")
-            raise
 
 
 async def test_stream_round_trip_and_round_robin():

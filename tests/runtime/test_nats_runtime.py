@@ -33,6 +33,16 @@ class Req(msgspec.Struct):
     n: int
 
 
+async def _serve_one(make_runtime, handler, **server_config):
+    """``(server, client)``: ``handler`` served as instance "a" by a runtime made with
+    ``server_config``, and a client of a second runtime that already sees it."""
+    server, caller = await make_runtime(**server_config), await make_runtime()
+    await server.serve_endpoint(EP, handler, instance_id="a")
+    client = caller.client(EP)
+    await client.wait_for_instances(timeout_s=5)
+    return server, client
+
+
 async def test_discovery_watch_sees_additions_and_removals(make_runtime):
     server, other = await make_runtime(), await make_runtime()
     client = other.client(EP)
@@ -88,11 +98,8 @@ async def test_typed_stream_round_trip_and_round_robin(make_runtime, plane):
 
 @pytest.mark.parametrize("plane", PLANES)
 async def test_close_stream_cancels_remote_handler(make_runtime, plane):
-    server, caller = await make_runtime(request_plane=plane), await make_runtime()
     handler = Recorder(count=100, gated=True)
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
     stream = client.generate("r", "id1")
     handler.step.set()
     assert await stream.__anext__() == "r-0"
@@ -104,11 +111,8 @@ async def test_close_stream_cancels_remote_handler(make_runtime, plane):
 
 @pytest.mark.parametrize("plane", PLANES)
 async def test_cancelling_the_consumer_task_cancels_remote_handler(make_runtime, plane):
-    server, caller = await make_runtime(request_plane=plane), await make_runtime()
     handler = Recorder(count=5, gated=True)
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
     started = asyncio.Event()
 
     async def consume():
@@ -127,11 +131,8 @@ async def test_cancelling_the_consumer_task_cancels_remote_handler(make_runtime,
 
 @pytest.mark.parametrize("plane", PLANES)
 async def test_deadline_stops_remote_handler(make_runtime, plane):
-    server, caller = await make_runtime(request_plane=plane), await make_runtime()
     handler = Recorder(count=5, gated=True)
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
     stream = client.generate("r", "id1", deadline_s=0.3)
     with pytest.raises(DeadlineExceededError):
         await stream.__anext__()
@@ -142,7 +143,6 @@ async def test_deadline_stops_remote_handler(make_runtime, plane):
 
 @pytest.mark.parametrize("plane", PLANES)
 async def test_handler_errors_come_back_typed(make_runtime, plane):
-    server, caller = await make_runtime(request_plane=plane), await make_runtime()
 
     async def handler(req, ctx):
         yield "first"
@@ -150,9 +150,7 @@ async def test_handler_errors_come_back_typed(make_runtime, plane):
             raise InvalidRequestError("prompt too odd")
         raise KeyError("boom")
 
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
     stream = client.generate("bad", "id1")
     assert await stream.__anext__() == "first"
     with pytest.raises(InvalidRequestError, match="prompt too odd"):
@@ -163,11 +161,8 @@ async def test_handler_errors_come_back_typed(make_runtime, plane):
 
 
 async def test_duplicate_request_id_on_one_connection_is_rejected(make_runtime):
-    server, caller = await make_runtime(), await make_runtime()
     handler = Recorder(count=3, gated=True)
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler)
     first = client.generate("r", "same")
     handler.step.set()
     assert await first.__anext__() == "r-0"
@@ -197,11 +192,8 @@ async def test_event_plane_pub_sub(make_runtime):
 
 @pytest.mark.parametrize("plane", PLANES)
 async def test_server_shutdown_mid_stream_fails_the_stream_at_once(make_runtime, plane):
-    server, caller = await make_runtime(request_plane=plane), await make_runtime()
     handler = Recorder(count=5, gated=True)
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
     stream = client.generate("r", "id1")
     handler.step.set()
     assert await stream.__anext__() == "r-0"
@@ -228,14 +220,11 @@ async def test_event_plane_slow_subscriber_drops_the_oldest(make_runtime):
 
 
 async def test_tcp_plane_carries_large_items_intact(make_runtime):
-    server, caller = await make_runtime(), await make_runtime()
     blobs = [bytes([i]) * size for i, size in enumerate([1, 70_000, 3_000_000, 5])]
 
     async def handler(req, ctx):
         for blob in blobs:
             yield blob
 
-    await server.serve_endpoint(EP, handler, instance_id="a")
-    client = caller.client(EP)
-    await client.wait_for_instances(timeout_s=5)
+    server, client = await _serve_one(make_runtime, handler)
     assert [x async for x in client.generate("x", "big")] == blobs

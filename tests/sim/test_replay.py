@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from tokenmill.bench.traces import mooncake_block_tokens
 from tokenmill.core.block_hash import block_hashes
 from tokenmill.launch.cli import main
 from tokenmill.router.queue import QueueConfig
 from tokenmill.router.router import RouterConfig
 from tokenmill.sim.replay import Replay, ReplayConfig
-from tokenmill.sim.report import RequestRecord, stats_ms
 from tokenmill.sim.trace import TraceRequest, TraceTokens, read_mooncake
 
 TRACE = Path(__file__).resolve().parents[3] / "shared/data/traces/conversation_trace.jsonl"
@@ -37,7 +37,7 @@ def test_trace_tokens_and_hashes_agree_with_core():
     req = TraceRequest("a", 0.0, 1100, 5, (7, 8, 9))
     tokens, hashes = tt.prompt(req)
     assert len(tokens) == 1100 and max(tokens) < 1000
-    assert tokens[:512] == tt.block_tokens(7).tolist()
+    assert tokens[:512] == mooncake_block_tokens(7, 512, vocab_size=1000).tolist()
     assert hashes == block_hashes(tokens, 64)
     other = TraceRequest("b", 0.0, 600, 5, (7, 10))
     assert tt.prompt(other)[1][:8] == hashes[:8]  # shared first trace block, shared hashes
@@ -106,12 +106,6 @@ def test_router_queue_and_shedding_in_replay():
     # 3 workers take one each (then all busy), 2 wait in the queue, 1 is shed
     assert rep["shed_requests"] == 1 and rep["completed"] == 5
     assert rep["router_queue_ms"]["p99"] > 0
-
-
-def test_report_percentiles_linear_interpolation():
-    assert stats_ms([1.0, 2.0, 3.0, 4.0]) == {"mean": 2.5, "p50": 2.5, "p90": 3.7, "p99": 3.97}
-    rec = RequestRecord("a", 0.0, 10, 3, first_token_ms=5.0, finish_ms=25.0, num_output_tokens=3)
-    assert rec.itl_ms == 10.0
 
 
 @needs_trace

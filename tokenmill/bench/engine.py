@@ -62,6 +62,9 @@ class EngineBenchConfig:
     threads: int | None = None
     out: Path | None = Path("benchmarks/results/engine.json")
     runner_kwargs: dict = field(default_factory=dict)
+    # True: only the single-stream part (tokenmill vs transformers, decode profile), merged
+    # into the dtypes' entries of an existing ``out`` file (``run_single``)
+    only_single: bool = False
 
 
 @dataclass
@@ -176,6 +179,8 @@ def run(cfg: EngineBenchConfig) -> dict:
     from tokenmill.bench import engine_hf
     from tokenmill.engine.loader import load_model
 
+    if cfg.only_single:
+        return run_single(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     result: dict = {"config": _jsonable(asdict(cfg)), "machine": machine_info(), "runs": {}}
@@ -197,6 +202,48 @@ def run(cfg: EngineBenchConfig) -> dict:
         _write(cfg, result)  # after each dtype: a cut-short run keeps what it measured
         del loaded, hf
     return result
+
+
+def run_single(cfg: EngineBenchConfig) -> dict:
+    """Reruns only the single stream of each dtype and replaces those entries of ``cfg.out``
+    (when it exists) in place: the throughput runs and the file's top-level config stay; each
+    rerun dtype records when and under which load it ran in ``single_stream_rerun``."""
+    from tokenmill.bench import engine_hf
+    from tokenmill.engine.loader import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    exists = cfg.out is not None and cfg.out.exists()
+    result = json.loads(cfg.out.read_text()) if exists else {"runs": {}}
+    bandwidth = engine_hf.memory_bandwidth_gb_s()
+    for dtype in cfg.dtypes:
+        loaded = load_model(cfg.model, dtype=dtype, device="cpu")
+        prompt = _single_prompt(load_workload(cfg, loaded.tokenizer), cfg.single_prompt_tokens)
+        hf = engine_hf.load_hf(loaded) if cfg.baseline else None
+        run_ = result["runs"].setdefault(dtype, {})
+        _merge_single(run_, single_streams(cfg, loaded, hf, prompt, rounds=3))
+        run_["decode_profile"] = engine_hf.profile_decode(
+            make_core(loaded, cfg, 1), prompt, loaded, bandwidth
+        )
+        run_["single_stream_rerun"] = {
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(),
+            "memory_bandwidth_gb_s": bandwidth,
+        }
+        log.info("%s single stream: %s", dtype, run_["single_stream_runs"])
+        _write(cfg, result)
+        del loaded, hf
+    return result
+
+
+def _merge_single(run_: dict, single: dict) -> None:
+    """Single-stream results into a dtype's entry, keeping its other transformers figures."""
+    hf_single = single.pop("transformers", None)
+    run_.update(single)
+    if hf_single is not None:
+        run_.setdefault("transformers", {}).update(hf_single)
+        ratio = run_["single_stream"]["decode_tok_s"] / hf_single["single_stream"]["decode_tok_s"]
+        run_.setdefault("ratios", {})["single_stream_decode_vs_transformers"] = round(ratio, 2)
 
 
 def _write(cfg: EngineBenchConfig, result: dict) -> None:

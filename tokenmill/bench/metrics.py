@@ -12,6 +12,13 @@ Definitions (one request):
 Aggregates: the ``ttft``/``itl``/``e2e`` objects hold mean, p50, p90, p99 in milliseconds over
 successful requests, percentiles by linear interpolation between closest ranks (numpy's default
 "linear" method). ITL's mean is the mean over requests of each request's mean gap.
+Goodput: requests with TTFT <= ``SlaConfig.ttft_ms`` and ITL <= ``SlaConfig.itl_ms``.
+KV reuse: cached prompt tokens / prompt tokens (:func:`cached_token_ratio`).
+
+No data is None (JSON null), never 0.0: an empty distribution, a rate over a zero duration, a
+fraction of no requests, a reuse ratio nobody reported. This is the one implementation of
+these definitions; ``tokenmill/sim/report.py`` converts its records to :class:`RequestTiming`
+and rounds the result, nothing else.
 """
 
 from __future__ import annotations
@@ -79,12 +86,18 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
 
 
-def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
-    """``{"mean", "p50", "p90", "p99"}`` in ms; all None for no values."""
-    xs = sorted(v * 1e3 for v in values_s)
+def distribution(values: Iterable[float]) -> dict[str, float | None]:
+    """``{"mean", "p50", "p90", "p99"}`` of ``values``, in their own unit; all None for no
+    values (no data is not a measurement of 0: JSON null, never 0.0)."""
+    xs = sorted(values)
     if not xs:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
     return {"mean": math.fsum(xs) / len(xs), **{f"p{p}": percentile(xs, p) for p in PERCENTILES}}
+
+
+def distribution_ms(values_s: Iterable[float]) -> dict[str, float | None]:
+    """:func:`distribution` of seconds, reported in ms."""
+    return distribution(v * 1e3 for v in values_s)
 
 
 def is_good(t: RequestTiming, sla: SlaConfig) -> bool:

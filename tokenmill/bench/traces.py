@@ -80,29 +80,42 @@ def mooncake_block_tokens(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     min_token_id: int = 0,
 ) -> np.ndarray:
-    """The deterministic block of ``block_size`` token ids for one Mooncake hash id.
+    """The deterministic block of ``block_size`` token ids for one Mooncake hash id:
+    row 0 of :func:`mooncake_tokens`. Returns int64 array [block_size]."""
+    return mooncake_tokens(
+        np.array([hash_id], dtype=np.uint64), block_size, vocab_size, min_token_id
+    )[0]
 
-    This is THE hash-id -> tokens mapping: the offline replay (``tokenmill replay``, under
-    ``tokenmill/sim/``) and ``tokenmill bench serve`` must produce the same tokens, so that
-    online and offline runs see the same prompts and the same prefix-cache hits (the replay's
-    ``TraceTokens`` implements the same formula; tests/bench checks they agree).
+
+def mooncake_tokens(
+    hash_ids: np.ndarray,
+    block_size: int = MOONCAKE_BLOCK_SIZE,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    min_token_id: int = 0,
+) -> np.ndarray:
+    """The token blocks of ``hash_ids`` (uint64 array [n]), all in one vector pass.
+
+    This is THE hash-id -> tokens mapping: the offline replay (``tokenmill replay``: its
+    ``TraceTokens`` calls this) and ``tokenmill bench serve`` produce the same tokens, so that
+    online and offline runs see the same prompts and the same prefix-cache hits.
 
     Definition (reproducible in any language; all arithmetic mod 2**64 on unsigned ints):
     ``x = (hash_id + 1) * 0x632BE59BD9B4E019 + i * 0x9E3779B97F4A7C15`` for position ``i``,
     ``x = (x ^ (x >> 29)) * 0xBF58476D1CE4E5B9``, ``x = x ^ (x >> 32)``; token ``i`` is
     ``min_token_id + x % (vocab_size - min_token_id)``. Same id, same tokens; a shorter
     ``block_size`` gives a prefix of a longer one (so the last, partial block of a prompt is the
-    full block cut to length). Returns int64 array [block_size].
+    full block cut to length). A ``vocab_size`` <= 257 keeps the ids CPython's shared small
+    ints after ``.tolist()`` (the replay relies on it). Returns int64 array [n, block_size].
     """
     if not 0 <= min_token_id < vocab_size:
         raise ValueError(f"need 0 <= min_token_id < vocab_size, got {min_token_id}, {vocab_size}")
-    positions = np.arange(block_size, dtype=np.uint64)  # [block_size]
+    positions = np.arange(block_size, dtype=np.uint64) * _GAMMA  # [block_size]
     with np.errstate(over="ignore"):
-        x = np.uint64((hash_id + 1) % (1 << 64)) * _SEED_MUL + positions * _GAMMA  # [block_size]
+        x = (hash_ids[:, None] + np.uint64(1)) * _SEED_MUL + positions  # [n, block_size]
         x = (x ^ (x >> np.uint64(29))) * _MIX_MUL
-        x = x ^ (x >> np.uint64(32))
-    span = np.uint64(vocab_size - min_token_id)
-    return (x % span).astype(np.int64) + min_token_id  # [block_size]
+        x ^= x >> np.uint64(32)
+    tokens = (x % np.uint64(vocab_size - min_token_id)).astype(np.int64)  # [n, block_size]
+    return tokens + min_token_id if min_token_id else tokens
 
 
 def _fail(path: Path, line: int, why: str) -> TraceError:
@@ -169,14 +182,19 @@ def _mooncake_row(row: dict, path: Path, line: int) -> TraceRequest:
     return TraceRequest(float(ts), num_in, num_out, tuple(zip(ids, sizes, strict=True)))
 
 
-def read_mooncake(path: str | Path) -> list[TraceRequest]:
-    """Mooncake JSONL: ``{"timestamp": ms, "input_length", "output_length", "hash_ids"}``."""
+def read_mooncake(path: str | Path, max_requests: int | None = None) -> list[TraceRequest]:
+    """Mooncake JSONL: ``{"timestamp": ms, "input_length", "output_length", "hash_ids"}``; the
+    first ``max_requests`` rows (all when None). The one Mooncake parser: ``tokenmill replay``
+    (``tokenmill/sim/trace.py``) reads traces through it."""
     path = Path(path)
     out: list[TraceRequest] = []
-    for line, row in _json_rows(path):
+    rows = _json_rows(path) if max_requests != 0 else iter(())
+    for line, row in rows:
         request = _mooncake_row(row, path, line)
         _check_order(path, line, out[-1].arrival_ms if out else None, request.arrival_ms)
         out.append(request)
+        if len(out) == max_requests:
+            break
     return _rebase(out)
 
 

@@ -62,6 +62,7 @@ class FrontendConfig:
     tokenizer_threads: int = 2
     retry_after_s: float = 1.0
     migration_limit: int = 3
+    allow_pinning: bool = False  # honour the per-request ``router.worker_id``
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,19 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
     return Response(errors.encode(obj), status, headers, media_type=JSON)
 
 
+@dataclass(frozen=True)
+class _Served:
+    """One model this frontend serves: its tokenizer/limits, dispatcher and serving context."""
+
+    model: ServedModel
+    dispatcher: Dispatcher
+    ctx: ServeContext
+    token_text: Callable[[int], str]
+
+
 class Frontend:
-    """The app's state and handlers (one per app)."""
+    """The app's state and handlers (one per app). Serves one model or several
+    (``add_model``); a request without ``model`` goes to the first one."""
 
     def __init__(
         self,
@@ -92,15 +104,21 @@ class Frontend:
         metrics: FrontendMetrics,
         loads: Callable[[], Iterable[WorkerLoad]],
     ):
-        self.model, self.dispatcher, self.config, self.metrics = model, dispatcher, config, metrics
-        self.loads = loads
+        self.config, self.metrics, self.loads = config, metrics, loads
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        self.ctx = ServeContext(
-            model, dispatcher, metrics, config.request_timeout_s, config.migration_limit
-        )
-        self.token_text = functools.lru_cache(maxsize=65536)(
+        self.served: dict[str, _Served] = {}
+        self.add_model(model, dispatcher)
+        self.model, self.dispatcher = model, dispatcher  # the first (default) model
+
+    def add_model(self, model: ServedModel, dispatcher: Dispatcher) -> None:
+        """Serves ``model`` through ``dispatcher`` too (a model card seen in discovery)."""
+        ctx = ServeContext(model, dispatcher, self.metrics, self.config.request_timeout_s,
+                           self.config.migration_limit)  # fmt: skip
+        token_text = functools.lru_cache(maxsize=65536)(
             lambda t: model.tokenizer.decode([t], skip_special_tokens=False)
         )
+        dispatcher.set_observer(self.metrics.observe_route)
+        self.served[model.name] = _Served(model, dispatcher, ctx, token_text)
 
     def error(self, exc: BaseException) -> Response:
         status, obj, headers = errors.classify(exc, self.config.retry_after_s)
@@ -124,17 +142,19 @@ class Frontend:
         req = decode_request(raw, kind.schema)
         if log.isEnabledFor(logging.DEBUG) and (extra := unknown_fields(raw, kind.schema)):
             log.debug("ignoring unknown request fields %s", extra)
-        self._check_model(req.model)
+        served = self._served_for(req.model)
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.pool, kind.prepare, self.model, req)
-        meta = ResponseMeta(kind.id_prefix + uuid.uuid4().hex, self.model.name, kind.chat)
+        prepared = await loop.run_in_executor(self.pool, kind.prepare, served.model, req)
+        meta = ResponseMeta(kind.id_prefix + uuid.uuid4().hex, served.model.name, kind.chat)
         usage = Usage(prepared.n, sum(len(p) for p in prepared.prompts))
-        streams = await open_streams(self.ctx, engine_requests(prepared, meta.id), arrival)
+        self._check_router(prepared.router)
+        requests = engine_requests(prepared, meta.id)
+        streams = await open_streams(served.ctx, requests, arrival, prepared.router)
         events = merge(streams)
         if prepared.stream:
-            fmt = StreamFormatter(meta, self.token_text, prepared.include_usage)
+            fmt = StreamFormatter(meta, served.token_text, prepared.include_usage)
             return SSEResponse(self._sse_body(events, fmt, usage))
-        collector = Collector(meta, self.token_text, len(streams), usage)
+        collector = Collector(meta, served.token_text, len(streams), usage)
         try:
             async with cancel_on_disconnect(request.receive):
                 async for event in events:
@@ -184,20 +204,29 @@ class Frontend:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
+    def _check_router(self, options: Any) -> None:
+        if options is not None and options.worker_id and not self.config.allow_pinning:
+            raise errors.HttpError(400, "pinning a request to a worker needs the server flag "
+                                   "--allow-pinning", param="router.worker_id")  # fmt: skip
+
+    def _served_for(self, name: str | None) -> _Served:
+        served = self.served.get(self.model.name if name is None else name)
+        if served is None:
             raise errors.HttpError(
                 404, f"the model {name!r} does not exist", param="model", code="model_not_found"
             )
+        return served
 
     def models(self, request: Request) -> Response:
         self.authorize(request)
-        card = {"id": self.model.name, "object": "model", "created": self.model.created,
-                "owned_by": "tokenmill", "max_model_len": self.model.context_length}  # fmt: skip
-        return json_response({"object": "list", "data": [card]})
+        cards = [{"id": s.model.name, "object": "model", "created": s.model.created,
+                  "owned_by": "tokenmill", "max_model_len": s.model.context_length}
+                 for s in self.served.values()
+                 if s.dispatcher.has_instances()]  # no live worker: not listed  # fmt: skip
+        return json_response({"object": "list", "data": cards})
 
     def health(self) -> Response:
-        if self.dispatcher.has_instances():
+        if any(s.dispatcher.has_instances() for s in self.served.values()):
             return json_response({"status": "ok"})
         return json_response({"status": "no worker serving"}, 503)
 
@@ -237,7 +266,6 @@ def build_app(
 ) -> FastPathApp:
     metrics = metrics or FrontendMetrics()
     front = Frontend(model, dispatcher, config or FrontendConfig(), metrics, loads)
-    dispatcher.set_observer(metrics.observe_route)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from tokenmill.core.request import EngineRequest
 from tokenmill.runtime.interface import EndpointClient, NoInstancesError, ResponseStream
@@ -24,7 +24,8 @@ from tokenmill.runtime.interface import EndpointClient, NoInstancesError, Respon
 
 class RoutePolicy(Protocol):
     async def select(self, request: EngineRequest, instance_ids: list[str]) -> str:
-        """The instance for ``request`` (may wait in a queue); ``OverloadedError`` sheds it."""
+        """The instance for ``request`` (may wait in a queue); ``OverloadedError`` sheds it.
+        Policies that take per-request options accept them as a third argument."""
         ...
 
     def on_prefill_done(self, request_id: str) -> None: ...
@@ -38,7 +39,13 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    async def select(self, request: EngineRequest, instance_ids: list[str]) -> str:
+    async def select(
+        self, request: EngineRequest, instance_ids: list[str], options: Any = None
+    ) -> str:
+        """``options.worker_id`` (a pin) wins when that instance is live."""
+        pin = getattr(options, "worker_id", None)
+        if pin in instance_ids:
+            return pin
         return instance_ids[next(self._counter) % len(instance_ids)]
 
     def on_prefill_done(self, request_id: str) -> None:
@@ -91,14 +98,20 @@ class Dispatcher:
         if request_id is not None:
             self.policy.on_finished(request_id)
 
-    async def open(self, request: EngineRequest, deadline_s: float | None) -> ResponseStream:
+    async def open(
+        self, request: EngineRequest, deadline_s: float | None, options: Any = None
+    ) -> ResponseStream:
         """Routes and opens the stream; ``NoInstancesError`` / ``OverloadedError`` when it
-        cannot. The caller must call ``finished(request_id)`` once the stream is done."""
+        cannot. The caller must call ``finished(request_id)`` once the stream is done.
+        ``options`` (per-request router options) go to the policy when given."""
         instance_ids = self.live_instances()
         if not instance_ids:
             raise NoInstancesError("no worker is serving")
         start = time.perf_counter()
-        instance_id = await self.policy.select(request, instance_ids)
+        if options is None:
+            instance_id = await self.policy.select(request, instance_ids)
+        else:
+            instance_id = await self.policy.select(request, instance_ids, options)  # type: ignore[call-arg]
         if self._observe is not None:
             self._observe(instance_id, time.perf_counter() - start)
         try:

@@ -15,7 +15,11 @@ from tokenmill.core.errors import (
     RequestAbortedError,
     TokenmillError,
 )
-from tokenmill.runtime.interface import DeadlineExceededError, NoInstancesError
+from tokenmill.runtime.interface import (
+    DeadlineExceededError,
+    InstanceFailedError,
+    NoInstancesError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ def classify(
     if isinstance(exc, OverloadedError):
         retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
         return 503, body(str(exc), "overloaded_error", None, "overloaded"), retry
-    if isinstance(exc, NoInstancesError | EngineDeadError | RequestAbortedError):
+    if isinstance(exc, NoInstancesError | InstanceFailedError | EngineDeadError | RequestAbortedError):
         return 503, body(str(exc), "service_unavailable", None, "service_unavailable"), retry
     if isinstance(exc, DeadlineExceededError):
         return 504, body(str(exc), "timeout_error", None, "timeout"), {}

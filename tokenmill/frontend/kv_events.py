@@ -112,8 +112,12 @@ class KvEventFeed:
             await sub.aclose()
 
     def on_batch(self, batch: KvEventBatch) -> None:
+        """Applies one worker's batch; workers not (yet) listed by ``generate`` are skipped
+        (another model's, or a new one whose dump will follow its discovery)."""
         iid = batch.instance_id
         state = self.states.get(iid)
+        if state is None and all(i.instance_id != iid for i in self.generate.instances()):
+            return
         if state is None or (state.epoch is not None and state.epoch != batch.epoch):
             state = self.states[iid] = _WorkerState(epoch=batch.epoch)
             state.buffered.extend(batch.events)

@@ -25,6 +25,7 @@ from tokenmill.core.block_hash import block_hashes
 from tokenmill.core.errors import OverloadedError
 from tokenmill.core.request import EngineRequest
 from tokenmill.router.approx import ApproxConfig, ApproxIndexer
+from tokenmill.router.policy import default_policy_config
 from tokenmill.router.router import (
     KvRouter,
     Queued,
@@ -78,7 +79,7 @@ class KvRouterPolicy:
     async def select(
         self, request: EngineRequest, instance_ids: list[str], overrides: Any = None
     ) -> str:
-        """``overrides``: a ``RouteOverrides`` whose ``worker_id`` is an instance id (str)."""
+        """``overrides``: per-request ``schemas.RouterOptions`` (knobs, pinned instance)."""
         self._sync_workers(instance_ids)
         prompt = request.prompt_token_ids
         hashes = block_hashes(prompt, self.router.config.block_size, request.cache_salt)
@@ -95,12 +96,15 @@ class KvRouterPolicy:
                      len(prompt) - cached)  # fmt: skip
         return instance_id
 
-    def _overrides(self, overrides: Any) -> RouteOverrides | None:
-        if overrides is None:
+    def _overrides(self, options: Any) -> RouteOverrides | None:
+        """``schemas.RouterOptions`` -> the router's ``RouteOverrides`` (pin by instance id,
+        policy knobs over the mode's defaults)."""
+        if options is None:
             return None
-        pin = overrides.worker_id
-        wid = self._worker_ids.get(pin) if isinstance(pin, str) else pin
-        return RouteOverrides(worker_id=wid, policy=overrides.policy)
+        pin = self._worker_ids.get(options.worker_id) if options.worker_id else None
+        knobs = options.knobs()
+        policy = default_policy_config(self.router.config.mode, **knobs) if knobs else None
+        return RouteOverrides(worker_id=pin, policy=policy)
 
     def on_prefill_done(self, request_id: str) -> None:
         self.router.mark_prefill_done(request_id)

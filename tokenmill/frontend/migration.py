@@ -9,8 +9,9 @@ worker shutting down), the failed instance is excluded from routing at once
 ``max_tokens``/``min_tokens`` reduced by that many. Greedy (and the mocker's position-based)
 tokens are therefore exactly those of an uninterrupted run, so the client's text has no gap
 and no duplicate. Counts in the outputs are rewritten to the client's view (original prompt
-length, total output tokens). At most ``limit`` migrations per request; beyond that, or with
-no instance left, the error reaches the client (503 / SSE error event).
+length, total output tokens). At most ``limit`` migrations per request; beyond that the
+``InstanceFailedError`` reaches the client, and with no instance left a
+``RequestAbortedError`` does (both 503, or an SSE error event once streaming).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 import msgspec
 
+from tokenmill.core.errors import RequestAbortedError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
 from tokenmill.frontend.dispatch import Dispatcher
-from tokenmill.runtime.interface import InstanceFailedError, ResponseStream
+from tokenmill.runtime.interface import InstanceFailedError, NoInstancesError, ResponseStream
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,10 @@ class MigratingStream:
         request: EngineRequest,
         deadline_s: float | None,
         limit: int = DEFAULT_MIGRATION_LIMIT,
+        router: Any = None,
     ):
         self.dispatcher, self.request, self.limit = dispatcher, request, limit
+        self.router = router  # per-request router options, passed to every routing
         self._deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self._stream: ResponseStream | None = None
         self._generated: list[int] = []
@@ -66,7 +71,7 @@ class MigratingStream:
         return self
 
     async def _open(self, request: EngineRequest) -> None:
-        self._stream = await self.dispatcher.open(request, self._time_left())
+        self._stream = await self.dispatcher.open(request, self._time_left(), self.router)
         self.instances.append(self._stream.instance_id)
 
     def _time_left(self) -> float | None:
@@ -111,7 +116,11 @@ class MigratingStream:
         if max_tokens is not None and len(self._generated) >= max_tokens:
             return self._length_done()
         self._base = len(self._generated)
-        await self._open(continuation(self.request, self._generated))
+        try:
+            await self._open(continuation(self.request, self._generated))
+        except NoInstancesError as no_worker:
+            raise RequestAbortedError(f"request {self.request.request_id} was aborted: its "
+                                      f"worker failed and {no_worker}") from exc  # fmt: skip
         return None
 
     def _length_done(self) -> RequestOutput:

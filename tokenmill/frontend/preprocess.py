@@ -53,6 +53,7 @@ class PreparedRequest:
     include_usage: bool
     cache_salt: str | None
     priority: int
+    router: Any = None  # schemas.RouterOptions: per-request router knobs / pin
 
 
 def prepare_chat(model: ServedModel, req: ChatCompletionRequest) -> PreparedRequest:
@@ -93,6 +94,7 @@ def _prepared(req: Any, prompts: list[list[int]], params: SamplingParams) -> Pre
         include_usage,
         req.cache_salt,
         req.priority or 0,
+        req.router,
     )
 
 

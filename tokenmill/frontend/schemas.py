@@ -31,6 +31,21 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = False
 
 
+class RouterOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Per-request router knobs (extra field ``router``): the cost policy's knobs, and
+    ``worker_id`` (an instance id) to pin the request, allowed only with ``--allow-pinning``."""
+
+    temperature: float | None = None
+    prefill_load_scale: float | None = None
+    decode_weight: float | None = None
+    lower_tier_credit: float | None = None  # overlap credit for blocks in lower tiers
+    worker_id: str | None = None
+
+    def knobs(self) -> dict[str, float]:
+        names = ("temperature", "prefill_load_scale", "decode_weight", "lower_tier_credit")
+        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+
+
 class _CommonRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     max_tokens: int | None = None
@@ -54,6 +69,7 @@ class _CommonRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     cache_salt: str | None = None
     priority: int | None = None
+    router: RouterOptions | None = None
 
 
 class ChatCompletionRequest(_CommonRequest, kw_only=True):

@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -76,14 +77,15 @@ def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineReque
 
 
 async def open_streams(
-    ctx: ServeContext, requests: list[EngineRequest], arrival: float
+    ctx: ServeContext, requests: list[EngineRequest], arrival: float, router: Any = None
 ) -> list[AsyncIterator[ChoiceEvent]]:
-    """Routes every request now (so shedding happens before any response is sent)."""
+    """Routes every request now (so shedding happens before any response is sent);
+    ``router``: per-request router options (``schemas.RouterOptions``) for the policy."""
     streams = []
     try:
         for index, request in enumerate(requests):
             stream = MigratingStream(
-                ctx.dispatcher, request, ctx.request_timeout_s, ctx.migration_limit
+                ctx.dispatcher, request, ctx.request_timeout_s, ctx.migration_limit, router
             )
             await stream.open()
             ctx.metrics.queue_time.observe(time.monotonic() - arrival)

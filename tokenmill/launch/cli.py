@@ -15,11 +15,15 @@ COMMANDS = (
     "replay",
     "profile",
     "bench",
+    "nats",
+    "worker",
+    "frontend",
+    "router",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: a distributed LLM inference server with an OpenAI-compatible API")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:

@@ -45,6 +45,11 @@ def _register_engine(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--out", default="benchmarks/results/engine.json", help="'' to not write")
     p.add_argument(
+        "--only-single",
+        action="store_true",
+        help="rerun only the single-stream comparison and merge it into --out",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 4 requests, 8 output tokens, fp32, no sweep",
@@ -73,6 +78,7 @@ def run_engine(args: argparse.Namespace) -> int:
         decode_group_size=args.decode_group_size,
         threads=args.threads,
         out=Path(args.out) if args.out else None,
+        only_single=args.only_single,
     )
     if args.quick:
         cfg = _quick(cfg)

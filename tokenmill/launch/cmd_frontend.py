@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 after")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="drain time on exit")
     p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
+    p.add_argument("--allow-pinning", action="store_true",
+                   help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
+    p.add_argument("--remote-router", action="store_true",
+                   help="ask standalone router replicas (tokenmill router) to route")  # fmt: skip
     add_runtime_args(p)
     p.set_defaults(func=run, workers=0)
 
@@ -48,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve_frontend(args: argparse.Namespace, nats_url: str, start: float,
-                         note: str = "", expect_workers: int = 1) -> int:  # fmt: skip
+                         note: str = "", expect_workers: int = 1, check=None) -> int:  # fmt: skip
     """Serves until SIGINT/SIGTERM; ``note`` is appended to the ready line."""
     from tokenmill.launch.cmd_serve import make_server
 
-    stack = await build_remote_stack(args, nats_url, expect_workers)
+    stack = await build_remote_stack(args, nats_url, expect_workers, check)
     server = make_server(stack.app, args)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
@@ -85,8 +89,22 @@ async def route_policy(args: argparse.Namespace, runtime, client, block_size: in
     sharing in-flight state with other replicas (``ReplicaSync``); returns (policy, parts)."""
     from tokenmill.frontend.dispatch import RoundRobinPolicy
 
+    if getattr(args, "remote_router", False):
+        from tokenmill.frontend.remote_router import (
+            RemoteRoutePolicy,
+            RouteDecision,
+            route_endpoint,
+        )
+
+        router = runtime.client(route_endpoint(args.namespace), RouteDecision)
+        return RemoteRoutePolicy(router), []
     if args.router_mode == "round-robin":
         return RoundRobinPolicy(), []
+    return await kv_policy_parts(args, runtime, client, block_size)
+
+
+async def kv_policy_parts(args: argparse.Namespace, runtime, client, block_size: int):
+    """``KvRouterPolicy`` + its ``KvEventFeed`` and ``ReplicaSync`` (started)."""
     from tokenmill.frontend.kv_events import KvEventFeed
     from tokenmill.frontend.kv_policy import KvRouterPolicy
     from tokenmill.frontend.replicas import ReplicaSync
@@ -99,35 +117,40 @@ async def route_policy(args: argparse.Namespace, runtime, client, block_size: in
     return policy, [feed, replicas]
 
 
-async def build_remote_stack(args: argparse.Namespace, nats_url: str,
-                             expect_workers: int = 1) -> RemoteStack:  # fmt: skip
-    """Connects, waits for ``expect_workers`` live workers, reads the first one's model card
-    and tokenizer, and builds the app over a dispatcher of the ``generate`` endpoint."""
+async def build_remote_stack(args: argparse.Namespace, nats_url: str, expect_workers: int = 1,
+                             check=None) -> RemoteStack:  # fmt: skip
+    """Connects, waits for ``expect_workers`` live workers, serves the first one's model
+    (card + tokenizer) and, through a ``ModelWatcher``, every other model that registers.
+    ``check()`` (optional) is called while waiting; it raises to give up (a child died)."""
     from tokenmill.core.request import RequestOutput
     from tokenmill.frontend.app import FrontendConfig, build_app
-    from tokenmill.frontend.dispatch import Dispatcher
     from tokenmill.frontend.loads import LoadTracker
     from tokenmill.launch.cmd_worker import runtime_config
+    from tokenmill.launch.model_watch import ModelWatcher, model_dispatcher, served_model
     from tokenmill.runtime.interface import EndpointId
     from tokenmill.runtime.nats_runtime import NatsRuntime
 
     runtime = await NatsRuntime.connect(nats_url, runtime_config(args))
     endpoint = EndpointId(args.namespace, DEFAULT_COMPONENT, "generate")
     client = runtime.client(endpoint, response_type=RequestOutput)
-    model, card = await _served_model(runtime, client, expect_workers)
+    card = await _first_card(client, expect_workers, check)
+    model = await served_model(runtime, card)
     config = FrontendConfig(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                             request_timeout_s=args.request_timeout,
-                            migration_limit=args.migration_limit)  # fmt: skip
+                            migration_limit=args.migration_limit,
+                            allow_pinning=args.allow_pinning)  # fmt: skip
     loads = LoadTracker(runtime, client)
     loads.start()
-    policy, parts = await route_policy(args, runtime, client, card.block_size)
-    app = build_app(model, Dispatcher(client, policy), config, loads.loads)
-    return RemoteStack(app, model, runtime, loads, parts)
+    dispatcher, parts = await model_dispatcher(args, runtime, client, card)
+    app = build_app(model, dispatcher, config, loads.loads)
+    watcher = ModelWatcher(args, runtime, client, app.front)  # other models, as they appear
+    watcher.start()
+    return RemoteStack(app, model, runtime, loads, [*parts, watcher])
 
 
-async def _served_model(runtime, client, expect_workers: int):
-    from tokenmill.frontend.preprocess import ServedModel
-    from tokenmill.launch.model_card import ModelCard, tokenizer_from_blob
+async def _first_card(client, expect_workers: int, check=None):
+    """Waits for ``expect_workers`` instances with model cards; the first one's card."""
+    from tokenmill.launch.model_card import ModelCard
 
     deadline = time.monotonic() + WORKER_WAIT_S
     while True:
@@ -137,10 +160,10 @@ async def _served_model(runtime, client, expect_workers: int):
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(cards)} of {expect_workers} workers registered")
+        if check is not None:
+            check()
         await asyncio.sleep(0.05)
-    card = cards[0]
-    tokenizer = tokenizer_from_blob(await runtime.get_blob(f"tokenizer-{card.tokenizer}"))
-    return ServedModel(card.model, tokenizer, card.context_length, int(time.time())), card
+    return cards[0]
 
 
 # ---- serve --workers N ------------------------------------------------------------------
@@ -160,19 +183,30 @@ def run_with_workers(args: argparse.Namespace) -> int:
         procs = [spawn_worker(args, url, i) for i in range(args.workers)]
         pids = " ".join(str(p.pid) for p in procs)
         note = (f", nats {url} pid {nats.pid}" if nats else "") + f", worker pids {pids}"
-        return uvloop.run(_serve_after_workers(args, url, start, note))
+        return uvloop.run(_serve_after_workers(args, url, start, note, _alive_check(procs)))
     finally:
         stop_processes(procs, args.shutdown_timeout)
         if nats is not None:
             nats.stop()
 
 
-async def _serve_after_workers(args, url: str, start: float, note: str) -> int:
+def _alive_check(procs: list[subprocess.Popen[bytes]]):
+    from tokenmill.core.errors import TokenmillError
+
+    def check() -> None:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise TokenmillError(f"worker process {proc.pid} exited with {proc.returncode}")
+
+    return check
+
+
+async def _serve_after_workers(args, url: str, start: float, note: str, check) -> int:
     defaults = {"namespace": "tokenmill", "listen_host": "127.0.0.1", "advertise_host": None,
                 "plane_token": "", "request_plane": "tcp"}  # fmt: skip
     for name, value in defaults.items():
         setattr(args, name, getattr(args, name, value))
-    return await serve_frontend(args, url, start, note, expect_workers=args.workers)
+    return await serve_frontend(args, url, start, note, args.workers, check)
 
 
 def spawn_worker(args: argparse.Namespace, url: str, index: int) -> subprocess.Popen[bytes]:

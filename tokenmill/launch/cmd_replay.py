@@ -106,9 +106,14 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
     ttft = report["ttft"]
     print(
-        f"{args.router_mode}: {report['completed']} requests, TTFT mean {ttft['mean']:.1f} "
-        f"p99 {ttft['p99']:.1f} ms, ITL mean {report['itl']['mean']:.2f} ms, "
-        f"reuse {report['kv_reuse_ratio']:.3f}, shed {report['shed_requests']}, "
+        f"{args.router_mode}: {report['completed']} requests, TTFT mean {_f(ttft['mean'], 1)} "
+        f"p99 {_f(ttft['p99'], 1)} ms, ITL mean {_f(report['itl']['mean'], 2)} ms, "
+        f"reuse {_f(report['kv_reuse_ratio'], 3)}, shed {report['shed_requests']}, "
         f"wall {report['wall_s']} s"
     )
     return 0
+
+
+def _f(x: float | None, digits: int) -> str:
+    """A report number for the summary line; "-" for no data (the report's None)."""
+    return "-" if x is None else f"{x:.{digits}f}"

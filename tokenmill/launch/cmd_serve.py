@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="N > 0: N worker processes over NATS (see cmd_frontend)")  # fmt: skip
     p.add_argument("--nats", default=None, help="with --workers: an existing NATS server URL")
     p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
+    p.add_argument("--allow-pinning", action="store_true",
+                   help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -127,6 +129,7 @@ async def build_stack(args: argparse.Namespace) -> Stack:
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         migration_limit=getattr(args, "migration_limit", 3),
+        allow_pinning=getattr(args, "allow_pinning", False),
     )
     return await assemble_stack(engine, model, config, _route_policy(args))
 

@@ -85,6 +85,8 @@ async def start_worker(args, runtime, engine, tokenizer, context: int, name: str
 
     digest, blob = tokenizer_blob(tokenizer)
     await runtime.put_blob(f"tokenizer-{digest}", blob)
+    keeper = asyncio.create_task(_keep_blob(runtime, f"tokenizer-{digest}", blob))
+    _BACKGROUND.add(keeper)  # lives as long as the process
     name = args.served_model_name or name
     from tokenmill.worker.protocol import load_from_stats
 
@@ -101,6 +103,23 @@ async def start_worker(args, runtime, engine, tokenizer, context: int, name: str
     worker = Worker(engine, runtime, config, kv)
     await worker.start()
     return worker
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+BLOB_CHECK_S = 5.0
+
+
+async def _keep_blob(runtime, name: str, blob: bytes) -> None:
+    """Puts the blob back when the NATS server lost its store (a restart with a wiped
+    JetStream directory), so frontends started afterwards can still load the tokenizer."""
+    while True:
+        await asyncio.sleep(BLOB_CHECK_S)
+        try:
+            await runtime.get_blob(name)
+        except KeyError:
+            await runtime.put_blob(name, blob)
+        except Exception:  # NATS down right now: the next round retries
+            pass
 
 
 async def _wait_for_signal() -> None:

@@ -1,14 +1,18 @@
 """Replay metrics: per-request records in, the report dict (JSON-ready) out.
 
-- ``ttft``: first token time - arrival (router queueing included), ms.
-- ``itl``: per request, the mean gap between its output tokens ((finish - first token) /
-  (output tokens - 1)), then mean and percentiles over requests with at least 2 tokens.
-- ``e2e``: finish - arrival, ms.
-- percentiles by linear interpolation between order statistics (numpy's default).
-- ``kv_reuse_ratio``: prompt tokens found in the prefix cache at admission / prompt tokens.
-- ``goodput``: requests meeting TTFT <= sla_ttft_ms and ITL <= sla_itl_ms (count, fraction, req/s).
-- ``load_balance``: requests, prompt tokens and computed prompt tokens per worker, with
-  max/mean of each (1.0 is perfectly even).
+TTFT, ITL, E2E, their mean/p50/p90/p99, goodput and ``kv_reuse_ratio`` are
+``tokenmill.bench.metrics.summarize`` (the definitions ``tokenmill bench serve`` reports):
+each record becomes a ``RequestTiming`` (virtual ms -> s; arrival = when the request reached
+the router, so TTFT includes router queueing; the last token is the finish) and the
+summary's values are rounded to 3 decimals (ratios and the goodput fraction to 4). No data
+is None (JSON null), never 0.0, as in ``summarize``. A shed request is a failure with error
+``"shed"``; it counts in ``num_requests`` and in the goodput fraction's denominator.
+
+Replay-only keys: ``shed_requests``; ``router_queue_ms`` (time in the router queue, same
+statistics); ``sim_duration_s`` (first arrival to last finish, the denominator of every rate);
+``engine_prefix_hit_rate`` and ``num_preemptions`` from the schedulers; ``load_balance``:
+requests, prompt tokens and computed prompt tokens per worker, with max/mean of each (1.0 is
+perfectly even).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from tokenmill.bench.metrics import RequestTiming, SlaConfig, distribution, summarize
 
 
 @dataclass(slots=True)
@@ -38,28 +42,46 @@ class RequestRecord:
     def done(self) -> bool:
         return self.finish_ms >= 0
 
-    @property
-    def itl_ms(self) -> float | None:
-        if self.num_output_tokens < 2:
-            return None
-        return (self.finish_ms - self.first_token_ms) / (self.num_output_tokens - 1)
+
+def to_timing(r: RequestRecord) -> RequestTiming:
+    """The record as ``bench.metrics`` sees it (seconds); unfinished records are failures."""
+    if not r.done:
+        error = "shed" if r.shed else "unfinished"
+        return RequestTiming(r.arrival_ms / 1e3, None, None, r.arrival_ms / 1e3, 0, error=error)
+    first, finish = r.first_token_ms / 1e3, r.finish_ms / 1e3
+    return RequestTiming(
+        r.arrival_ms / 1e3,
+        first,
+        finish,
+        finish,
+        r.num_output_tokens,
+        r.input_length,
+        r.num_cached_tokens,
+    )
 
 
-def stats_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    arr = np.asarray(values, dtype=np.float64)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {"mean": _r(arr.mean()), "p50": _r(p50), "p90": _r(p90), "p99": _r(p99)}
+def _r(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(float(x), digits)
 
 
-def _r(x: float) -> float:
-    return round(float(x), 3)
+def _stats(dist: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: _r(v) for k, v in dist.items()}
 
 
 def _balance(per_worker: list[int]) -> dict[str, Any]:
     mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
-    return {"per_worker": per_worker, "max_over_mean": _r(max(per_worker) / mean) if mean else 0.0}
+    return {"per_worker": per_worker, "max_over_mean": _r(max(per_worker) / mean) if mean else None}
+
+
+def _load_balance(done: list[RequestRecord], num_workers: int) -> dict[str, Any]:
+    by_worker = [[r for r in done if r.worker == w] for w in range(num_workers)]
+    return {
+        "requests": _balance([len(b) for b in by_worker]),
+        "prompt_tokens": _balance([sum(r.input_length for r in b) for b in by_worker]),
+        "computed_prompt_tokens": _balance(
+            [sum(r.input_length - r.num_cached_tokens for r in b) for b in by_worker]
+        ),
+    }
 
 
 def build_report(
@@ -67,51 +89,31 @@ def build_report(
 ) -> dict:
     """The replay report (see the module docstring); ``cfg`` is the ``ReplayConfig``."""
     done = [r for r in records if r.done]
-    ttft = [r.first_token_ms - r.arrival_ms for r in done]
-    itl = [x for r in done if (x := r.itl_ms) is not None]
-    e2e = [r.finish_ms - r.arrival_ms for r in done]
-    out_tokens = sum(r.num_output_tokens for r in done)
     start = min((r.arrival_ms for r in records), default=0.0)
-    end = max((r.finish_ms for r in done), default=start)
-    duration_s = (end - start) / 1000.0
-    prompt = sum(r.input_length for r in done)
-    cached = sum(r.num_cached_tokens for r in done)
-    good = sum(
-        1
-        for r in done
-        if r.first_token_ms - r.arrival_ms <= cfg.sla_ttft_ms
-        and (r.itl_ms is None or r.itl_ms <= cfg.sla_itl_ms)
-    )
-    n = cfg.num_workers
-    by_worker = [[r for r in done if r.worker == w] for w in range(n)]
+    duration_s = (max((r.finish_ms for r in done), default=start) - start) / 1000.0
+    sla = SlaConfig(cfg.sla_ttft_ms, cfg.sla_itl_ms)
+    s = summarize([to_timing(r) for r in records], duration_s, sla)
+    good = s["goodput"]
     return {
-        "num_requests": len(records),
-        "completed": len(done),
+        "num_requests": s["num_requests"],
+        "completed": s["completed"],
         "shed_requests": sum(1 for r in records if r.shed),
-        "ttft": stats_ms(ttft),
-        "itl": stats_ms(itl),
-        "e2e": stats_ms(e2e),
-        "router_queue_ms": stats_ms([r.queued_ms for r in done]),
-        "output_tokens": out_tokens,
-        "output_tokens_per_s": _r(out_tokens / duration_s) if duration_s else 0.0,
-        "requests_per_s": _r(len(done) / duration_s) if duration_s else 0.0,
+        "ttft": _stats(s["ttft"]),
+        "itl": _stats(s["itl"]),
+        "e2e": _stats(s["e2e"]),
+        "router_queue_ms": _stats(distribution(r.queued_ms for r in done)),
+        "output_tokens": s["output_tokens"],
+        "output_tokens_per_s": _r(s["output_tokens_per_s"]),
+        "requests_per_s": _r(s["requests_per_s"]),
         "sim_duration_s": _r(duration_s),
-        "kv_reuse_ratio": round(cached / prompt, 4) if prompt else 0.0,
-        "engine_prefix_hit_rate": [round(s.prefix_hit_rate, 4) for s in worker_stats],
-        "num_preemptions": sum(s.num_preemptions for s in worker_stats),
+        "kv_reuse_ratio": _r(s["kv_reuse_ratio"], 4),
+        "engine_prefix_hit_rate": [round(w.prefix_hit_rate, 4) for w in worker_stats],
+        "num_preemptions": sum(w.num_preemptions for w in worker_stats),
         "goodput": {
-            "sla_ttft_ms": cfg.sla_ttft_ms,
-            "sla_itl_ms": cfg.sla_itl_ms,
-            "requests": good,
-            "fraction": round(good / len(records), 4) if records else 0.0,
-            "requests_per_s": _r(good / duration_s) if duration_s else 0.0,
+            **good,
+            "fraction": _r(good["fraction"], 4),
+            "requests_per_s": _r(good["requests_per_s"]),
         },
-        "load_balance": {
-            "requests": _balance([len(b) for b in by_worker]),
-            "prompt_tokens": _balance([sum(r.input_length for r in b) for b in by_worker]),
-            "computed_prompt_tokens": _balance(
-                [sum(r.input_length - r.num_cached_tokens for r in b) for b in by_worker]
-            ),
-        },
+        "load_balance": _load_balance(done, cfg.num_workers),
         **extra,
     }

@@ -1,8 +1,9 @@
 """Mooncake JSONL traces as token-level requests for the replay.
 
-Each trace hash id stands for one block of ``trace_block_size`` tokens; it maps to a
-deterministic pseudo-random block of token ids (same id, same tokens, for any run and seed),
-and a prompt is its blocks concatenated, the last one cut to ``input_length``. Requests that
+Parsing and the hash-id -> tokens mapping are ``tokenmill bench serve``'s
+(``tokenmill.bench.traces.read_mooncake`` and ``mooncake_tokens``), so online and offline runs
+see the same prompts. Each trace hash id stands for one block of ``trace_block_size`` tokens;
+a prompt is its blocks concatenated, the last one cut to ``input_length``. Requests that
 share a timestamp arrive together (the trace's ~3 s buckets fire as bursts); arrival times
 are ``(timestamp - first timestamp) / arrival_speed`` ms.
 
@@ -12,17 +13,14 @@ assembled from a per-(parent, hash id) cache, so each trace block is hashed once
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tokenmill.bench.traces import mooncake_tokens
+from tokenmill.bench.traces import read_mooncake as read_mooncake_rows
 from tokenmill.core.block_hash import block_hashes
-
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
 
 
 @dataclass(frozen=True)
@@ -37,29 +35,22 @@ class TraceRequest:
 def read_mooncake(
     path: str | Path, max_requests: int | None = None, arrival_speed: float = 1.0
 ) -> list[TraceRequest]:
-    """The trace's requests in file order (stable for equal timestamps)."""
+    """The first ``max_requests`` requests of the trace in file order (stable for equal
+    timestamps), ids ``req-<i>``, arrivals divided by ``arrival_speed``, at least 1 output
+    token each. Rows are parsed and validated by ``tokenmill.bench.traces.read_mooncake``
+    (a malformed row raises its ``TraceError``)."""
     if arrival_speed <= 0:
         raise ValueError("arrival_speed must be > 0")
-    rows = list(_rows(path, max_requests))
-    t0 = min((r["timestamp"] for r in rows), default=0)
     return [
         TraceRequest(
             f"req-{i}",
-            (r["timestamp"] - t0) / arrival_speed,
-            int(r["input_length"]),
-            max(1, int(r["output_length"])),
-            tuple(r["hash_ids"]),
+            r.arrival_ms / arrival_speed,
+            r.num_input_tokens,
+            max(1, r.num_output_tokens),
+            r.hash_ids,
         )
-        for i, r in enumerate(rows)
+        for i, r in enumerate(read_mooncake_rows(path, max_requests))
     ]
-
-
-def _rows(path: str | Path, max_requests: int | None) -> Iterator[dict]:
-    with open(path) as f:
-        for n, line in enumerate(ln for ln in f if ln.strip()):
-            if max_requests is not None and n >= max_requests:
-                return
-            yield json.loads(line)
 
 
 class TraceTokens:
@@ -71,24 +62,12 @@ class TraceTokens:
         self.trace_block_size = trace_block_size
         self.block_size = block_size
         self.vocab_size = vocab_size
-        self._offsets = np.arange(trace_block_size, dtype=np.uint64) * _GOLD
         self._hashes: dict[tuple[int | None, int], list[int]] = {}
-
-    def block_tokens(self, hash_id: int) -> np.ndarray:
-        """The ``trace_block_size`` token ids of ``hash_id`` (a multiply-xorshift mix of id and position)."""
-        return self._tokens(np.array([hash_id], dtype=np.uint64))[0]
-
-    def _tokens(self, hash_ids: np.ndarray) -> np.ndarray:
-        """``[len(hash_ids), trace_block_size]`` token ids, all blocks in one vector pass."""
-        with np.errstate(over="ignore"):
-            x = (hash_ids[:, None] + np.uint64(1)) * np.uint64(0x632BE59BD9B4E019) + self._offsets
-            x = (x ^ (x >> np.uint64(29))) * _M1
-            x ^= x >> np.uint64(32)
-        return (x % np.uint64(self.vocab_size)).astype(np.int64)
 
     def prompt(self, req: TraceRequest) -> tuple[list[int], list[int]]:
         """``(token ids, sequence hashes of its full block_size blocks)`` of a prompt."""
-        blocks = self._tokens(np.array(req.hash_ids, dtype=np.uint64))
+        ids = np.array(req.hash_ids, dtype=np.uint64)
+        blocks = mooncake_tokens(ids, self.trace_block_size, self.vocab_size)  # [n, tbs]
         tokens = blocks.ravel()[: req.input_length].tolist()
         return tokens, self._hashes_of(req, blocks)
 

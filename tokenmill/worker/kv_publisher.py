@@ -148,6 +148,16 @@ class KvPublisher:
             for chunk in _chunks(stored, self.config.max_chunk_bytes)
         ]
 
+    def check_integrity(self) -> None:
+        """The ring holds consecutive ids ending at ``next_event_id - 1``, at most
+        ``ring_size`` of them; the batch not yet published is likewise consecutive."""
+        ids = [e.event_id for e in self.ring]
+        assert len(ids) <= self.config.ring_size
+        assert ids == list(range(self.next_event_id - len(ids), self.next_event_id)), ids[:5]
+        pending = [e.event_id for e in self._pending]
+        first = self.next_event_id - len(pending)
+        assert pending == list(range(first, self.next_event_id)), pending[:5]
+
     async def close(self) -> None:
         self._flush()
         if self._tasks:

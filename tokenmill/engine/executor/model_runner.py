@@ -87,8 +87,7 @@ class ModelRunner(Executor):
         self.sampler.release(request_ids)
 
     def shutdown(self) -> None:
-        self.attn.k_cache.clear()
-        self.attn.v_cache.clear()
+        self.attn.free()
 
     def execute(self, scheduler_output) -> ExecutorOutput:
         self.release(scheduler_output.finished_request_ids)

@@ -1,0 +1,61 @@
+"""``tokenmill router --nats URL``: a standalone KV router replica. It rebuilds its index from
+the workers' KV events (dumps on start, replays on gaps), shares in-flight state with the
+other replicas and frontends, and serves ``<namespace>.router.route``; frontends started with
+``--remote-router`` ask it instead of routing themselves. Runs until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from tokenmill.launch.cmd_serve import ROUTER_MODES
+    from tokenmill.launch.cmd_worker import add_runtime_args
+
+    p = subparsers.add_parser("router", help="standalone KV router replica over NATS")
+    p.add_argument("--nats", required=True, help="NATS server URL")
+    p.add_argument("--router-mode", choices=[m for m in ROUTER_MODES if m != "round-robin"],
+                   default="kv")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    return uvloop.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from tokenmill.core.request import RequestOutput
+    from tokenmill.frontend.models import ModelView
+    from tokenmill.frontend.remote_router import RouterService
+    from tokenmill.launch.cmd_frontend import DEFAULT_COMPONENT, kv_policy_parts
+    from tokenmill.launch.cmd_worker import _wait_for_signal, runtime_config
+    from tokenmill.runtime.interface import EndpointId
+    from tokenmill.runtime.nats_runtime import NatsRuntime
+
+    runtime = await NatsRuntime.connect(args.nats, runtime_config(args))
+    client = runtime.client(EndpointId(args.namespace, DEFAULT_COMPONENT, "generate"),
+                            RequestOutput)  # fmt: skip
+    parts: list = []
+
+    async def make_policy(model: str):
+        """The policy of one model's workers (its own KV event feed and replica sync)."""
+        policy, model_parts = await kv_policy_parts(args, runtime, ModelView(client, model),
+                                                    args.block_size)  # fmt: skip
+        parts.extend(model_parts)
+        return policy
+
+    service = RouterService(runtime, args.namespace, client, make_policy)
+    await service.start()
+    print(f"tokenmill router: ready ({args.router_mode})", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await service.stop()
+        for part in parts:
+            await part.stop()
+        await runtime.shutdown()
+    return 0
