@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.router.router import ROUTER_MODES
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 ENGINES = ("real", "mocker", "echo")
-ROUTER_MODES = ("round-robin", "random", "least-loaded", "kv")
 BLOCK_SIZE = 16
 MOCKER_NUM_BLOCKS = 16384
 MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
