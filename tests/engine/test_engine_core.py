@@ -95,7 +95,11 @@ def test_duplicate_request_id_rejected(core):
 def test_abort_frees_every_block_at_once(core):
     for i in range(3):
         core.add_request(
-            req(f"r{i}", range(10 + i, 30 + i), SamplingParams(max_tokens=20, ignore_eos=True))
+            req(
+                f"r{i}",
+                range(10 + i, 30 + i),
+                SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+            )
         )
     core.step()
     core.step()
@@ -183,7 +187,11 @@ def test_seeded_request_same_tokens_whatever_the_batch(core):
     alone = tokens(drain(core), "me")
     for i in range(4):
         core.add_request(
-            req(f"o{i}", range(30 + i, 40 + 2 * i), SamplingParams(temperature=1.0, max_tokens=10))
+            req(
+                f"o{i}",
+                range(30 + i, 40 + 2 * i),
+                SamplingParams(temperature=1.0, seed=7 + i, max_tokens=10),
+            )
         )
     core.add_request(req("me", [20, 21, 22], seeded))
     assert tokens(drain(core), "me") == alone
