@@ -225,7 +225,18 @@ def main() -> None:
     parser.add_argument("--engines", default="echo,mocker")
     parser.add_argument("--requests-scale", type=float, default=1.0)
     parser.add_argument("--default-model", action="store_true", help="also HTTP vs offline")
+    parser.add_argument(
+        "--only-default-model",
+        action="store_true",
+        help="run only HTTP vs offline with the default model; merge it into the results file",
+    )
     args = parser.parse_args()
+    if args.only_default_model:
+        out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        out["default_model_http_vs_offline"] = bench_default_model()
+        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out["default_model_http_vs_offline"]))
+        return
     results = {
         e: asyncio.run(bench_engine(e, args.requests_scale)) for e in args.engines.split(",")
     }

@@ -162,7 +162,10 @@ def brief(res: dict) -> dict:
 def medians(runs: list[dict]) -> dict:
     """Median per metric over runs (server CPU per role, TTFT/E2E percentiles)."""
     med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
-    out = {k: med([r[k] for r in runs]) for k in ("req_per_s", "out_tok_per_s", "client_cpu_ms_per_req")}
+    out = {
+        k: med([r[k] for r in runs])
+        for k in ("req_per_s", "out_tok_per_s", "client_cpu_ms_per_req")
+    }
     for key in ("ttft_ms", "e2e_ms", "server_cpu_ms_per_req"):
         out[key] = {f: med([r[key][f] for r in runs]) for f in runs[0][key]}
     out["runs"] = len(runs)
@@ -173,7 +176,9 @@ def medians(runs: list[dict]) -> dict:
 def main() -> int:
     a = parse_args()
     work = Path(a.work)
-    subprocess.run(["bash", str(ANCHORS / "dynamo/setup.sh")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["bash", str(ANCHORS / "dynamo/setup.sh")], check=True, stdout=subprocess.DEVNULL
+    )
     runners = {"dynamo": run_dynamo, "tokenmill": run_tokenmill}
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
