@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from serve_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "frontend.json"
@@ -39,12 +39,6 @@ VOCAB = ("time person year way day thing man world life hand part child eye woma
          "go know take see come think look want give use find tell ask seem feel try leave call "
          "good new first last long great little own other old right big high different small "
          "large next early young important few public bad same able").split()  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

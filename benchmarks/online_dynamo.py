@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from serve_helpers import free_port, wait_model
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = Path(os.environ.get("ANCHORS", REPO.parent / "shared" / "anchors"))
@@ -56,12 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_dynamo(a: argparse.Namespace, out: Path) -> dict[int, dict]:
@@ -89,22 +83,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wait_model(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Until /v1/models lists MODEL; raises if the server exits or the timeout passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tokenmill serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if any(m.get("id") == MODEL for m in json.load(r).get("data", [])):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("tokenmill serve: model never appeared")
-
-
 def loadgen(a: argparse.Namespace, port: int, c: int, out: Path) -> dict:
     """One loadgen call (warm-up + measured phase), with the Dynamo venv's Python."""
     cmd = [str(VENV / "bin/python"), str(ANCHORS / "loadgen.py"), "--url", f"http://127.0.0.1:{port}",
@@ -124,7 +102,7 @@ def run_tokenmill(a: argparse.Namespace, out: Path) -> dict[int, dict]:
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_model(port, proc)
+        wait_model(port, proc, MODEL, 120.0)
         time.sleep(2)  # the second worker registers too (as online.sh does)
         return {c: measure(a, port, c, proc.pid, out) for c in a.concurrency}
     finally:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from serve_helpers import free_port, wait_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/data/traces/conversation_trace.jsonl")
@@ -60,29 +60,8 @@ def count_requests(trace: str, window_s: float) -> int:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tm(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", *args]
-
-
-def wait_model(port: int, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tokenmill serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if any(m.get("id") == MODEL for m in json.load(r).get("data", [])):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("model never appeared")
 
 
 def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
@@ -94,7 +73,7 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_model(port, proc)
+        wait_model(port, proc, MODEL, 180.0)
         time.sleep(3)  # every worker registered
         bench = tm("bench", "serve", "--url", f"http://127.0.0.1:{port}", "--model", MODEL,
                    "--trace", a.trace, "--format", "mooncake", "--speed", str(a.speed),

@@ -16,23 +16,17 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+from serve_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "engine"))
 CONCURRENCY = (32, 128)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(model_dir: Path, workers: int) -> tuple[subprocess.Popen[str], str]:
@@ -111,8 +105,10 @@ def main() -> None:
         "ratio_workers_to_single": {
             str(c): round(med["workers"][c] / med["single"][c], 3) for c in CONCURRENCY
         },
-        "samples_rps": {mode: [{str(c): round(v, 1) for c, v in s.items()} for s in runs]
-                        for mode, runs in samples.items()},  # fmt: skip
+        "samples_rps": {
+            mode: [{str(c): round(v, 1) for c, v in s.items()} for s in runs]
+            for mode, runs in samples.items()
+        },  # fmt: skip
     }
     out = REPO / "benchmarks" / "results" / "runtime_e2e.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from tokenmill.core.events import Cleared, KvEvent, Removed, Stored
+from tokenmill.core.events import KvEvent
 from tokenmill.frontend.kv_policy import KvRouterPolicy
 from tokenmill.runtime.interface import EndpointClient, EndpointId, Runtime
 from tokenmill.runtime.kv_wire import (
@@ -142,14 +142,7 @@ class KvEventFeed:
             state.next_event_id += 1
 
     def _apply(self, iid: str, event: KvEvent) -> None:
-        wid = self.policy.worker_id(iid)
-        index, data = self.policy.router.index, event.data
-        if isinstance(data, Stored):
-            index.store(wid, [b.block_hash for b in data.blocks], event.tier)
-        elif isinstance(data, Removed):
-            index.remove(wid, data.block_hashes, event.tier)
-        elif isinstance(data, Cleared):
-            index.clear(wid, event.tier)
+        self.policy.router.index.apply_data(self.policy.worker_id(iid), event.data, event.tier)
 
     # ---- replay and dump ---------------------------------------------------------------
     def _sync(self, iid: str, state: _WorkerState, from_event_id: int | None) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from operator import and_, neg
 
-from tokenmill.core.events import Cleared, KvEvent, Removed, Stored, Tier
+from tokenmill.core.events import Cleared, KvEvent, KvEventData, Removed, Stored, Tier
 
 TIERS: tuple[Tier, ...] = (Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.REMOTE)
 
@@ -102,16 +102,19 @@ class KvIndexer:
         self.add_worker(worker)
         expected = self._next_event_id[worker]
         self._next_event_id[worker] = event.event_id + 1
-        data = event.data
-        if isinstance(data, Stored):
-            self.store(worker, [b.block_hash for b in data.blocks], event.tier)
-        elif isinstance(data, Removed):
-            self.remove(worker, data.block_hashes, event.tier)
-        elif isinstance(data, Cleared):
-            self.clear(worker, event.tier)
+        self.apply_data(worker, event.data, event.tier)
         if event.event_id != expected:
             return EventGap(worker, expected, event.event_id)
         return None
+
+    def apply_data(self, worker_id: int, data: KvEventData, tier: Tier = Tier.DEVICE) -> None:
+        """Apply one event's payload to ``worker_id``'s blocks in ``tier`` (no id checks)."""
+        if isinstance(data, Stored):
+            self.store(worker_id, [b.block_hash for b in data.blocks], tier)
+        elif isinstance(data, Removed):
+            self.remove(worker_id, data.block_hashes, tier)
+        elif isinstance(data, Cleared):
+            self.clear(worker_id, tier)
 
     def store(self, worker_id: int, block_hashes: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Mark ``block_hashes`` as held by ``worker_id`` (idempotent per block)."""
