@@ -19,7 +19,10 @@ Contract: writes one JSON file (``--out``) with every run's loadgen result and t
 per (stack, concurrency); prints one line per run. Stops every process it starts.
 
 usage: python benchmarks/online_dynamo.py [--runs 5] [--requests 2000] [--concurrency 32 128]
+           [--stacks dynamo tokenmill [tokenmill-interval0]]
            [--out benchmarks/results/dynamo_side_by_side.json]
+``tokenmill-interval0`` is tokenmill with ``--stream-interval-ms 0``: the workers send every
+engine step's outputs at once instead of coalescing those that follow within 1 ms.
 Needs root (online.sh uses ``unshare -n``) and runs ``setup.sh`` first (PyPI, ~45 s once).
 """
 
@@ -52,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"])
+    p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"],
+                   choices=["dynamo", "tokenmill", "tokenmill-interval0"])  # fmt: skip
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
@@ -92,13 +96,14 @@ def loadgen(a: argparse.Namespace, port: int, c: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_tokenmill(a: argparse.Namespace, out: Path) -> dict[int, dict]:
-    """tokenmill serve with two mocker workers; loadgen at each concurrency; server CPU/request."""
+def run_tokenmill(a: argparse.Namespace, out: Path, extra: tuple[str, ...] = ()) -> dict[int, dict]:
+    """tokenmill serve with two mocker workers; loadgen at each concurrency; server CPU/request.
+    ``extra``: more ``serve`` flags (the ``tokenmill-interval0`` stack)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve", "--workers", "2",
            "--engine", "mocker", "--mocker-speedup", "100", "--router-mode", "kv", "--model", str(TOK),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -157,7 +162,10 @@ def main() -> int:
     subprocess.run(
         ["bash", str(ANCHORS / "dynamo/setup.sh")], check=True, stdout=subprocess.DEVNULL
     )
-    runners = {"dynamo": run_dynamo, "tokenmill": run_tokenmill}
+    runners = {"dynamo": run_dynamo, "tokenmill": run_tokenmill,
+               # every step's outputs sent at once (no 1 ms output coalescing in the workers)
+               "tokenmill-interval0": lambda a, out: run_tokenmill(
+                   a, out, ("--stream-interval-ms", "0"))}  # fmt: skip
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
         for stack in a.stacks if r % 2 == 0 else list(reversed(a.stacks)):

@@ -6,14 +6,21 @@ For each router mode: start the stack (embedded NATS, 8 mocker worker processes 
 the frontend with its router), drive it with ``tokenmill bench serve --format mooncake --speed S
 --window 0:W`` (token-id prompts through /v1/completions, ignore_eos, so prompt and output
 lengths are the trace's), stop it; then ``tokenmill replay`` on the first N requests (N = the
-number of trace requests with timestamp < W s) at the same speed with the online stack's
-engine settings (block size 16, 16,384 blocks, max 2,048 batched tokens, watermark 0: what
-``cmd_serve._mocker_engine`` builds and cannot be changed from the command line). The JSON has
-both summaries and the relative difference of each headline metric.
+number of trace requests with timestamp < W s) at the same speed. Both sides run with their
+defaults, which are the same engine (``engine_args.MOCKER_DEFAULTS``: block size 64, 16,384
+blocks per worker, 8,192 batched tokens, 256 sequences, watermark 0.01); the live mocker
+ends each step on its simulated deadline (``engine.mocker.StepPacer``).
+
+Agreement is judged against ``TOLERANCE``, fixed before the runs: |online - replay| / replay
+at most 10% for output tokens/s, ITL mean and E2E mean, 25% for TTFT mean, p50 and p99 (TTFT
+is a queueing delay: near saturation a few percent of extra step time grows it by much more,
+and the p99 of a few hundred requests is a handful of them). The JSON has both summaries,
+each metric's relative difference and verdict, and the host's load average during each
+online run (the machine is shared).
 
 Contract: adds one entry per (window, speed) under ``runs`` of ``--out`` (default
-benchmarks/results/routing_online.json, other entries kept); stops every
-process it starts.
+benchmarks/results/routing_online.json, other entries kept; an entry measured with other
+engine settings is replaced, not merged); stops every process it starts.
 
 usage: python benchmarks/routing_online.py [--window 120] [--speed 2] [--modes round-robin dynamo kv]
 """
@@ -23,20 +30,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from serve_helpers import free_port, wait_model
+
+from tokenmill.launch.engine_args import MOCKER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/data/traces/conversation_trace.jsonl")
 TOK = Path(os.environ.get("DYNAMO_TOK", Path(os.environ.get("TMPDIR") or "/tmp") / "dynamo-tok"))
 MODEL = "tiny"
-ONLINE_ENGINE = ["--block-size", "16", "--num-blocks", "16384", "--max-num-batched-tokens", "2048",
-                 "--watermark", "0"]  # fmt: skip
-METRICS = (("ttft", "mean"), ("ttft", "p50"), ("ttft", "p99"), ("itl", "mean"), ("e2e", "mean"))
+TOLERANCE = {"output_tokens_per_s": 0.10, "ttft_mean": 0.25, "ttft_p50": 0.25, "ttft_p99": 0.25,
+             "itl_mean": 0.10, "e2e_mean": 0.10}  # fmt: skip
+LOAD_SAMPLE_S = 5.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PACING = re.compile(r"mocker pacing: (\d+) steps, (\d+) late, ([\d.]+) s late")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,8 +78,53 @@ def tm(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", *args]
 
 
+class LoadSampler:
+    """The 1-minute load average every ``LOAD_SAMPLE_S`` seconds while running (a thread)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LOAD_SAMPLE_S):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        x = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(sum(x) / len(x), 2), "max": round(max(x), 2), "cpus": os.cpu_count()}
+
+
+def tree_cpu_s(root: int) -> float:
+    """utime + stime of ``root`` and its direct children (nats-server, workers), seconds."""
+    kids = Path(f"/proc/{root}/task/{root}/children").read_text().split()
+    total = 0
+    for pid in [root, *map(int, kids)]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def pacing(log: str) -> dict:
+    """The workers' exit lines summed: steps, steps that ran late, seconds late in total."""
+    rows = [tuple(map(float, m)) for m in PACING.findall(log)]
+    steps, late, late_s = (sum(col) for col in zip(*rows, strict=True)) if rows else (0, 0, 0.0)
+    return {"workers": len(rows), "steps": int(steps), "late_steps": int(late),
+            "late_fraction": round(late / steps, 4) if steps else None,
+            "late_s": round(late_s, 2)}  # fmt: skip
+
+
 def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
-    """One serve + bench serve run; returns the bench summary."""
+    """One serve + bench serve run; returns the bench summary (+ ``host``: the load average,
+    the server's CPU cores in use, and the workers' pacing report)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = tm("serve", "--workers", str(a.workers), "--engine", "mocker", "--model", str(TOK),
@@ -79,7 +138,12 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
                    "--trace", a.trace, "--format", "mooncake", "--speed", str(a.speed),
                    "--window", f"0:{a.window:g}", "--output-dir", str(out), "--no-plots",
                    "--progress", "off")  # fmt: skip
-        subprocess.run(bench, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
+        with LoadSampler() as load:
+            code = subprocess.run(bench, cwd=REPO, stdout=subprocess.DEVNULL).returncode
+        if code not in (0, 1):  # 1: some requests failed; the summary counts them
+            raise RuntimeError(f"tokenmill bench serve exited with {code}")
+        cores = (tree_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
     finally:
         proc.terminate()
         try:
@@ -87,31 +151,36 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return json.loads((out / "results.json").read_text())["summary"]
+    host = {"loadavg": load.summary(), "server_cores": round(cores, 2),
+            "pacing": pacing((out / "serve.log").read_text(errors="replace"))}  # fmt: skip
+    return {**json.loads((out / "results.json").read_text())["summary"], "host": host}
 
 
 def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> dict:
     cmd = tm("replay", "--trace", a.trace, "--workers", str(a.workers), "--router-mode", mode,
-             "--arrival-speed", str(a.speed), "--max-requests", str(n), "--output", str(out),
-             *ONLINE_ENGINE)  # fmt: skip
+             "--arrival-speed", str(a.speed), "--max-requests", str(n),
+             "--output", str(out))  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def pick(summary: dict, metric: str, stat: str):
-    """``summary[metric][stat]`` under either naming (bench: ttft_ms, replay: ttft)."""
-    for key in (metric, f"{metric}_ms"):
-        if isinstance(summary.get(key), dict) and stat in summary[key]:
-            return summary[key][stat]
-    return None
+def pick(summary: dict, name: str):
+    """``summary[name]`` or, for "ttft_mean" etc., ``summary["ttft"]["mean"]``."""
+    if name in summary:
+        return summary[name]
+    metric, _, stat = name.rpartition("_")
+    return (summary.get(metric) or {}).get(stat)
 
 
 def compare(on: dict, off: dict) -> dict:
+    """Per metric: both values, (online - replay) / replay, and whether it is in tolerance."""
     rows = {}
-    for metric, stat in METRICS:
-        x, y = pick(on, metric, stat), pick(off, metric, stat)
+    for name, tol in TOLERANCE.items():
+        x, y = pick(on, name), pick(off, name)
         rel = None if x is None or not y else round((x - y) / y, 4)
-        rows[f"{metric}_{stat}"] = {"online": x, "replay": y, "rel_diff": rel}
+        ok = rel is not None and abs(rel) <= tol
+        rows[name] = {"online": x, "replay": y, "rel_diff": rel, "tolerance": tol, "ok": ok}
+    rows["agrees"] = all(r["ok"] for r in rows.values())
     return rows
 
 
@@ -123,9 +192,12 @@ def main() -> int:
     out = Path(a.out)
     doc = json.loads(out.read_text()) if out.exists() else {"trace": Path(a.trace).name, "runs": {}}
     key = f"window_{a.window:g}s_speed_{a.speed:g}x"
-    run = doc["runs"].setdefault(key, {"modes": {}})  # other modes of this window are kept
+    engine = {**asdict(MOCKER_DEFAULTS), "pacing": "deadline"}
+    run = doc["runs"].get(key, {})
+    if run.get("engine") != engine:  # measured with other settings: start over
+        run = doc["runs"][key] = {"modes": {}}
     run.update({"window_s": a.window, "speed": a.speed, "requests": n, "workers": a.workers,
-                "replay_engine_flags": ONLINE_ENGINE})  # fmt: skip
+                "engine": engine, "tolerance": TOLERANCE})  # fmt: skip
     for mode in a.modes:
         on = online(a, mode, work / f"online_{mode}")
         off = offline(a, mode, n, work / f"replay_{mode}.json")

@@ -195,6 +195,7 @@ async def test_two_router_replicas_spread_load_instead_of_herding(nats_server):
         syncs = [ReplicaSync(rt, NS, COMPONENT, p) for rt, p in zip(runtimes, shared, strict=True)]
         for s in syncs:
             await s.start()
+        await until(lambda: all(s.has_peers() for s in syncs))  # they heard each other
         spread = await _route_alternately(shared, syncs)
         for s in syncs:
             await s.stop()

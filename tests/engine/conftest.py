@@ -1,4 +1,5 @@
-"""Fixtures shared by the engine tests."""
+"""Fixtures shared by the engine tests. ``TOKENMILL_TEST_DEVICE=cuda`` runs the tests that
+exercise device code paths on the GPU (``tiny_models.TEST_DEVICE``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf_model
+from tiny_models import TEST_DEVICE, make_tiny_hf_model
+
+
+def pytest_configure(config) -> None:
+    if torch.device(TEST_DEVICE).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"TOKENMILL_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+
+
+def pytest_report_header(config) -> str:
+    return f"tokenmill engine test device: {TEST_DEVICE}"
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,13 @@ import asyncio
 import threading
 import time
 
+import msgspec
 import pytest
 
 from tokenmill.core.errors import EngineDeadError, InvalidRequestError
-from tokenmill.core.request import EngineRequest, FinishReason
+from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 from tokenmill.core.sampling import SamplingParams
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.async_engine import AsyncEngine, merge_outputs
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.executor.base import Executor, ExecutorOutput
@@ -46,9 +47,9 @@ class FakeExecutor(Executor):
         self.released.extend(request_ids)
 
 
-def make_engine(executor: Executor) -> AsyncEngine:
+def make_engine(executor: Executor, **kwargs) -> AsyncEngine:
     scheduler = Scheduler(SchedulerConfig(max_model_len=128), CacheConfig(4, 64))
-    return AsyncEngine(EngineCore(scheduler, executor, VOCAB))
+    return AsyncEngine(EngineCore(scheduler, executor, VOCAB), **kwargs)
 
 
 def req(rid, n=5, **kw):
@@ -81,6 +82,46 @@ async def test_streams_tokens_and_counts():
     finally:
         engine.shutdown()
     assert not engine.is_healthy()
+
+
+async def test_outputs_queued_while_the_consumer_is_busy_arrive_merged():
+    # interval 0: every step's outputs are posted at once, so when on_loop returns (posted
+    # after the last step) they are all in the request's buffer
+    engine = make_engine(FakeExecutor(), output_interval_s=0.0)
+    try:
+        stream = engine.generate(req("m", 6))
+        first = await stream.__anext__()
+        while await on_loop(engine, lambda c: c.has_unfinished_requests()):
+            pass  # the rest is generated while this consumer reads nothing
+        rest = [out async for out in stream]
+        assert len(rest) <= 1  # whatever was left came as one item
+        outs = [first, *rest]
+        assert [t for o in outs for t in o.new_token_ids] == [13, 14, 15, 16, 17, 18]
+        assert outs[-1].finish_reason == FinishReason.LENGTH
+        assert outs[-1].num_output_tokens == 6
+    finally:
+        engine.shutdown()
+
+
+def test_merge_outputs_concatenates_increments_and_keeps_the_last_counts():
+    lp = [TokenLogprob(7, -0.5, []), TokenLogprob(8, -1.0, [(9, -2.0)])]
+    outs = [
+        RequestOutput(request_id="r", new_token_ids=[7], text_delta="a", logprobs=lp[:1],
+                      num_prompt_tokens=3, num_output_tokens=1, num_cached_tokens=2),
+        RequestOutput(request_id="r", new_token_ids=[8], text_delta="b", logprobs=lp[1:],
+                      num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2),
+        RequestOutput(request_id="r", new_token_ids=[], text_delta="c",
+                      finish_reason=FinishReason.STOP, stop_reason="x",
+                      num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2),
+    ]
+    merged = merge_outputs(outs)
+    assert merged == RequestOutput(
+        request_id="r", new_token_ids=[7, 8], text_delta="abc", logprobs=lp,
+        finish_reason=FinishReason.STOP, stop_reason="x",
+        num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2)
+    assert merge_outputs(outs[1:]).logprobs == lp[1:]
+    plain = [msgspec.structs.replace(o, logprobs=None) for o in outs]
+    assert merge_outputs(plain).logprobs is None
 
 
 async def test_invalid_request_raises_before_queueing():

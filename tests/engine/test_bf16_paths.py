@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TEST_DEVICE
 
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.executor.model_runner import ModelRunner, StepSeq
@@ -58,12 +59,12 @@ def test_bf16_linear_at_threshold_is_fp32_math_rounded(num_tokens):
 @pytest.fixture(scope="module")
 def models(tiny_model_dir):
     path = tiny_model_dir("smollm2")
-    return {d: load_model(path, dtype=d, device="cpu") for d in ("fp32", "bf16")}
+    return {d: load_model(path, dtype=d, device=TEST_DEVICE) for d in ("fp32", "bf16")}
 
 
 def _greedy_with_logits(loaded, prompt: list[int], steps: int):
     """Prefill ``prompt`` in one forward, then ``steps - 1`` decode forwards (greedy)."""
-    runner = ModelRunner(loaded.model, loaded.config, 16, 4, loaded.dtype)
+    runner = ModelRunner(loaded.model, loaded.config, 16, 4, loaded.dtype, loaded.device)
     table, ids, logits, tokens = list(range(16)), list(prompt), [], []
     new, computed = list(prompt), 0
     for _ in range(steps):

@@ -1,5 +1,6 @@
 """EngineCore: request validation, abort, per-request failure isolation, stop strings, seeded
-sampling across batches, logprobs. Tiny fp32 model; integrity checked after each test."""
+sampling across batches, logprobs. Tiny fp32 model on ``TEST_DEVICE``; integrity checked after
+each test."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason
@@ -39,7 +41,7 @@ class FaultyModel:
 def loaded(tiny_model_dir):
     torch.set_num_threads(1)
     path = tiny_model_dir("smollm2")
-    base = load_model(path, dtype="fp32", device="cpu")
+    base = load_model(path, dtype="fp32", device=TEST_DEVICE)
     return dataclasses.replace(base, model=FaultyModel(base.model))
 
 

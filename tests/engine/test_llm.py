@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.core.errors import InvalidRequestError
@@ -17,7 +18,7 @@ from tokenmill.engine.reference import greedy_generate
 def llm(tiny_model_dir):
     torch.set_num_threads(1)
     path = tiny_model_dir("llama3")
-    return LLM(model=path, dtype="fp32", device="cpu", block_size=4, num_blocks=64)
+    return LLM(model=path, dtype="fp32", device=TEST_DEVICE, block_size=4, num_blocks=64)
 
 
 def test_generate_text_and_token_prompts_in_order(llm):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -11,6 +12,7 @@ from tokenmill.engine.mocker import (
     MockExecutor,
     PolynomialTiming,
     ProfileTiming,
+    StepPacer,
     TokenSource,
     advance_decode,
     decode_run_length,
@@ -64,16 +66,119 @@ def test_tokens_deterministic_in_vocab():
     assert toks != src.tokens("b", 0, 100)
 
 
-def test_executor_sleeps_scaled_step_time():
-    slept = []
-    ex = MockExecutor(100, 16, speedup_ratio=10.0, sleep=slept.append)
+class FakeClock:
+    """A clock that only moves when the code under test sleeps or the test says so."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _pacer(clock: FakeClock, speedup: float = 1.0) -> StepPacer:
+    return StepPacer(speedup, clock=clock, sleep=clock.sleep, max_lag_s=0.010)
+
+
+def test_pacer_busy_chain_absorbs_real_work_between_steps():
+    clock = FakeClock()
+    pacer = _pacer(clock, speedup=2.0)
+    pacer.on_wake()  # t = 0: the busy period starts
+    for work_s, ms in ((0.001, 10.0), (0.002, 20.0), (0.0, 4.0)):
+        clock.now += work_s  # scheduling, output handling: part of the simulated step
+        pacer.pace(ms)
+    assert clock.now == pytest.approx((10 + 20 + 4) / 1000 / 2)  # ends on the simulated time
+    assert clock.slept == pytest.approx([0.004, 0.008, 0.002])
+
+
+def test_pacer_starts_at_wake_up_after_an_idle_gap():
+    clock = FakeClock()
+    pacer = _pacer(clock)
+    pacer.on_wake()
+    pacer.pace(5.0)  # busy until t = 0.005, then idle
+    clock.now = 1.0
+    pacer.on_wake()
+    clock.now += 0.001
+    pacer.pace(5.0)
+    assert clock.now == pytest.approx(1.005)  # wake-up + 5 ms, not the stale chain's deadline
+    assert clock.slept == pytest.approx([0.005, 0.004])
+
+
+def test_pacer_overrun_does_not_sleep_and_makes_up_at_most_max_lag():
+    clock = FakeClock()
+    pacer = _pacer(clock)  # max_lag_s = 10 ms
+    pacer.on_wake()
+    pacer.pace(5.0)  # ends at 0.005
+    clock.now = 0.105  # 100 ms of real work: overran by 95 ms
+    pacer.pace(4.0)  # no sleep; the schedule is now 6 ms behind (capped at 10), not 91
+    pacer.pace(4.0)  # no sleep: 2 ms behind
+    pacer.pace(4.0)  # sleeps what is left of the step
+    assert clock.slept == pytest.approx([0.005, 0.002])
+    assert clock.now == pytest.approx(0.107)  # 0.105 - 0.010 + 3 x 0.004: 10 ms made up
+    assert (pacer.num_steps, pacer.num_late) == (4, 2)
+    assert pacer.late_s == pytest.approx(0.006 + 0.002)
+
+
+def test_pacer_first_step_without_wake_up_starts_now():
+    clock = FakeClock()
+    clock.now = 3.0
+    pacer = _pacer(clock, speedup=10.0)
+    pacer.pace(20.0)
+    assert clock.slept == pytest.approx([0.002])
+
+
+def test_executor_paces_scaled_step_time():
+    clock = FakeClock()
+    ex = MockExecutor(100, 16, pacer=_pacer(clock, speedup=10.0))
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), CacheConfig(16, 100))
     sched.add_request(EngineRequest(request_id="r", prompt_token_ids=list(range(1000))))
     out = sched.schedule()
     result = ex.execute(out)
     assert ex.last_step_ms == PolynomialTiming().prefill_ms(1000)
-    assert slept == [pytest.approx(ex.last_step_ms / 1000 / 10)]
+    assert clock.slept == [pytest.approx(ex.last_step_ms / 1000 / 10)]
     assert result.sampled == {"r": [ex.tokens.token("r", 1000)]}
+
+
+class _IdleCondition(threading.Condition):
+    """Sets ``idle`` whenever the engine loop waits for work (``wait`` releases the lock, so
+    a command queued after ``idle`` is seen can only reach the loop through that wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.idle.set()
+        return super().wait(timeout)
+
+
+def test_engine_loop_wakes_the_executor_after_each_idle_wait():
+    from tokenmill.engine.loop import EngineLoop
+    from tokenmill.engine.mocker import build_mock_engine_core
+
+    log: list[str] = []
+    core = build_mock_engine_core(SchedulerConfig(), CacheConfig(16, 64), vocab_size=100)
+    core.executor.on_wake = lambda: log.append("wake")
+    execute = core.executor.execute
+    core.executor.execute = lambda out: (log.append("step"), execute(out))[1]
+    finished = threading.Semaphore(0)
+    loop = EngineLoop(core, lambda outs: [finished.release() for o in outs if o.finished])
+    loop._cond = cond = _IdleCondition()
+    loop.start()
+    try:
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        for rid in ("a", "b"):  # the loop is idle before each request
+            assert cond.idle.wait(10)
+            cond.idle.clear()
+            loop.add(EngineRequest(request_id=rid, prompt_token_ids=[1, 2, 3], params=params))
+            assert finished.acquire(timeout=10)
+    finally:
+        loop.shutdown()
+    assert log == ["wake", "step", "step", "step"] * 2
 
 
 def _scheduler(events: list) -> Scheduler:
@@ -142,14 +247,13 @@ def test_no_fast_forward_while_someone_waits_or_prefills():
 def test_live_engine_core_with_mocker_streams_tokens_and_events():
     from tokenmill.engine.mocker import build_mock_engine_core
 
-    events, slept = [], []
+    events, clock = [], FakeClock()
     core = build_mock_engine_core(
         SchedulerConfig(max_num_batched_tokens=512),
         CacheConfig(block_size=16, num_blocks=64),
-        speedup_ratio=100.0,
+        pacer=_pacer(clock, speedup=100.0),
         vocab_size=1000,
         event_sink=events.append,
-        sleep=slept.append,
     )
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     core.add_request(EngineRequest(request_id="a", prompt_token_ids=list(range(40)), params=params))
@@ -158,6 +262,6 @@ def test_live_engine_core_with_mocker_streams_tokens_and_events():
         outputs.extend(core.step())
     assert sum(len(o.new_token_ids) for o in outputs) == 4
     assert outputs[-1].finished
-    assert slept[0] == pytest.approx(PolynomialTiming().prefill_ms(40) / 1000 / 100)
-    assert len(slept) == 4 and events  # 2 full prompt blocks stored
+    assert clock.slept[0] == pytest.approx(PolynomialTiming().prefill_ms(40) / 1000 / 100)
+    assert len(clock.slept) == 4 and events  # 2 full prompt blocks stored
     core.scheduler.check_integrity()

@@ -1,4 +1,5 @@
-"""Oracle tests: the reference forward pass against transformers on tiny random checkpoints.
+"""Oracle tests: the reference forward pass against transformers on tiny random checkpoints,
+both on ``TEST_DEVICE``.
 
 Tolerance: fp32 logits within 1e-4 absolute of transformers' (observed ~5e-6 on these
 models, whose logits are O(1)); greedy tokens identical for 20 new tokens.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, make_tiny_hf_model, tiny_tokenizer
+from tiny_models import FAMILIES, TEST_DEVICE, make_tiny_hf_model, tiny_tokenizer
 
 from tokenmill.engine.models.config import RopeScaling
 from tokenmill.engine.models.hf_loader import load_hf_model, read_hf_config, read_hf_weights
@@ -36,26 +37,26 @@ def _hf_model(model_dir: Path):
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
     model.generation_config.eos_token_id = None  # generate exactly NUM_NEW_TOKENS
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 def _hf_greedy(hf_model, prompt: list[int]) -> list[int]:
-    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS,
-                            do_sample=False, pad_token_id=0)
+    ids = torch.tensor([prompt], device=TEST_DEVICE)
+    out = hf_model.generate(ids, max_new_tokens=NUM_NEW_TOKENS, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize(("family", "tie"), VARIANTS)
 def test_reference_matches_transformers(tmp_path, family, tie):
     model_dir = make_tiny_hf_model(tmp_path, family, tie=tie)
-    config, model = load_hf_model(model_dir)
+    config, model = load_hf_model(model_dir, device=TEST_DEVICE)
     hf_model = _hf_model(model_dir)
     assert config.tie_word_embeddings == hf_model.config.tie_word_embeddings
     prompts = _prompts()
     assert sorted({len(p) for p in prompts}) == [len(p) for p in prompts]  # distinct lengths: padded
     ours = reference_logits(model, prompts)
     with torch.no_grad():
-        expected = [hf_model(torch.tensor([p])).logits[0] for p in prompts]
+        expected = [hf_model(torch.tensor([p], device=TEST_DEVICE)).logits[0] for p in prompts]
     for prompt, got, want in zip(prompts, ours, expected, strict=True):
         assert got.dtype == torch.float32 and got.shape == (len(prompt), config.vocab_size)
         assert (got - want).abs().max().item() < LOGITS_ATOL

@@ -1,4 +1,5 @@
-"""The paged engine against the contiguous-KV reference forward pass (fp32, tiny models).
+"""The paged engine against the contiguous-KV reference forward pass (fp32, tiny models, on
+``TEST_DEVICE``).
 
 Tolerance: logits within 1e-4 absolute (fp32; the only differences are summation orders of
 the batched matmuls and SDPA over gathered blocks), greedy tokens identical.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
@@ -25,7 +27,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 def loaded(request, tiny_model_dir):
     torch.set_num_threads(1)
     path = tiny_model_dir(request.param)
-    return load_model(path, dtype="fp32", device="cpu")
+    return load_model(path, dtype="fp32", device=TEST_DEVICE)
 
 
 def prompts(n: int, lengths=(5, 17, 33, 3, 24, 9)) -> list[list[int]]:
@@ -64,6 +66,7 @@ def test_paged_logits_match_reference_prefill_chunks_and_decode(loaded, batched_
         40,
         4,
         torch.float32,
+        loaded.device,
         batched_decode=batched_decode,
         decode_group_size=2,
     )

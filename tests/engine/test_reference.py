@@ -1,10 +1,11 @@
-"""The reference oracle against itself: padding, incremental decoding, eos, bf16, limits."""
+"""The reference oracle against itself: padding, incremental decoding, eos, bf16, limits
+(model on ``TEST_DEVICE``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_tokenizer
+from tiny_models import TEST_DEVICE, tiny_tokenizer
 
 from tokenmill.engine.models.hf_loader import load_hf_model
 from tokenmill.engine.reference import ContiguousKVCache, greedy_generate, reference_logits
@@ -19,7 +20,7 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return load_hf_model(model_dir)[1]
+    return load_hf_model(model_dir, device=TEST_DEVICE)[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def test_zero_new_tokens_and_invalid_inputs(model, prompts):
 
 
 def test_cache_refuses_a_forward_that_does_not_fit(model):
-    cache = ContiguousKVCache(model.config, 2, 4, torch.float32, "cpu")
-    cache.begin_forward(torch.ones(2, 3, dtype=torch.bool))
+    cache = ContiguousKVCache(model.config, 2, 4, torch.float32, TEST_DEVICE)
+    cache.begin_forward(torch.ones(2, 3, dtype=torch.bool, device=TEST_DEVICE))
     assert cache.num_slots == 3
     with pytest.raises(ValueError, match="does not fit"):
         cache.begin_forward(torch.ones(2, 2, dtype=torch.bool))
@@ -79,7 +80,7 @@ def test_cache_refuses_a_forward_that_does_not_fit(model):
 
 
 def test_bf16_load_runs_and_agrees_with_fp32_at_first(model_dir, model, prompts):
-    _, bf16 = load_hf_model(model_dir, dtype=torch.bfloat16)
+    _, bf16 = load_hf_model(model_dir, dtype=torch.bfloat16, device=TEST_DEVICE)
     assert bf16.embed_tokens.dtype == torch.bfloat16
     assert bf16.inv_freq.dtype == torch.float32  # rotary stays fp32 (ARCHITECTURE.md)
     logits = reference_logits(bf16, prompts)

@@ -1,10 +1,11 @@
 """Sampler unit tests on hand-made logits: each processor's exact effect, seeded batch
-independence, per-row NaN isolation, logprobs."""
+independence, per-row NaN isolation, logprobs. Logits and generators on ``TEST_DEVICE``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TEST_DEVICE
 
 from tokenmill.core.errors import InvalidRequestError
 from tokenmill.core.sampling import SamplingParams
@@ -19,14 +20,14 @@ def row(rid="a", out=(), prompt=(1,), **params) -> SamplingRow:
 
 
 def logits_of(*rows: list[float]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
+    return torch.tensor(rows, dtype=torch.float32, device=TEST_DEVICE)
 
 
 BASE = [0.0, 1.0, 5.0, 4.0, 3.0, 2.0, 0.5, 0.2, 0.1, 6.0]  # argmax = EOS (9), then 2, 3
 
 
 def test_greedy_is_argmax():
-    out = Sampler([EOS]).sample(
+    out = Sampler([EOS], TEST_DEVICE).sample(
         logits_of(BASE, BASE[::-1]), [row("a", temperature=0), row("b", temperature=0)]
     )
     assert out.sampled == {"a": [9], "b": [0]}
@@ -38,12 +39,12 @@ def test_greedy_is_argmax():
     [dict(top_k=1), dict(top_p=0.01), dict(min_p=1.0), dict(temperature=0.01, seed=3)],
 )
 def test_filters_that_leave_only_the_best_token(params):
-    out = Sampler([EOS]).sample(logits_of(BASE), [row(**params)])
+    out = Sampler([EOS], TEST_DEVICE).sample(logits_of(BASE), [row(**params)])
     assert out.sampled == {"a": [9]}
 
 
 def test_top_k_2_only_draws_the_two_best():
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     drawn = {
         s.sample(logits_of([0.0, 3.0, 3.0, 0.0] + [0.0] * 6), [row(top_k=2)]).sampled["a"][0]
         for _ in range(200)
@@ -56,25 +57,25 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     # id 1; 0.859 >= 0.7 before id 2); -inf logits are legal masked entries.
     big = [float("-inf")] * V
     big[0], big[1], big[2] = 1.0, 0.0, -0.5
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     drawn = {s.sample(logits_of(big), [row(top_p=0.7)]).sampled["a"][0] for _ in range(200)}
     assert drawn == {0, 1}
 
 
 def test_logit_bias_forces_a_token():
-    out = Sampler([EOS]).sample(logits_of(BASE), [row(temperature=0, logit_bias={4: 100.0})])
+    out = Sampler([EOS], TEST_DEVICE).sample(logits_of(BASE), [row(temperature=0, logit_bias={4: 100.0})])
     assert out.sampled == {"a": [4]}
 
 
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     p = dict(temperature=0, min_tokens=2, stop_token_ids=(2,))
     assert s.sample(logits_of(BASE), [row(out=[5], **p)]).sampled == {"a": [3]}
     assert s.sample(logits_of(BASE), [row(out=[5, 5], **p)]).sampled == {"a": [9]}
 
 
 def test_presence_and_frequency_penalties_subtract_from_seen_output_tokens():
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     # EOS (6.0) seen once: presence 2 -> 4.0 < 5.0 (id 2)
     assert s.sample(
         logits_of(BASE), [row(out=[9], temperature=0, presence_penalty=2.0)]
@@ -90,7 +91,7 @@ def test_presence_and_frequency_penalties_subtract_from_seen_output_tokens():
 
 
 def test_repetition_penalty_covers_prompt_and_output():
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     # 6.0 / 1.5 = 4.0 < 5.0: the prompt's EOS is penalised; id 2 in the output too: 5/1.5
     assert s.sample(
         logits_of(BASE), [row(prompt=[9], temperature=0, repetition_penalty=1.5)]
@@ -106,7 +107,7 @@ def test_non_finite_row_fails_alone():
     bad[3] = float("nan")
     inf = list(BASE)
     inf[0] = float("inf")
-    out = Sampler([EOS]).sample(
+    out = Sampler([EOS], TEST_DEVICE).sample(
         logits_of(BASE, bad, inf), [row("ok", temperature=0), row("nan"), row("inf")]
     )
     assert out.sampled == {"ok": [9]}
@@ -114,7 +115,7 @@ def test_non_finite_row_fails_alone():
 
 
 def test_logprobs_are_the_raw_distribution_with_top_n():
-    out = Sampler([EOS]).sample(logits_of(BASE), [row(temperature=0, logprobs=2)])
+    out = Sampler([EOS], TEST_DEVICE).sample(logits_of(BASE), [row(temperature=0, logprobs=2)])
     lp = torch.log_softmax(logits_of(BASE)[0], -1)
     (tok,) = out.logprobs["a"]
     assert tok.token_id == 9 and tok.logprob == pytest.approx(float(lp[9]))
@@ -123,7 +124,7 @@ def test_logprobs_are_the_raw_distribution_with_top_n():
 
 
 def _seeded_tokens(companions: int, seed: int = 42, steps: int = 8) -> list[int]:
-    s = Sampler([EOS])
+    s = Sampler([EOS], TEST_DEVICE)
     g = torch.Generator().manual_seed(7)
     toks = []
     for _ in range(steps):
@@ -133,7 +134,7 @@ def _seeded_tokens(companions: int, seed: int = 42, steps: int = 8) -> list[int]
         if companions:
             rows.append(row("other-seeded", seed=seed, temperature=0.7))
             others = torch.cat([others, torch.randn(1, 50)])
-        toks += s.sample(torch.cat([mine, others]), rows).sampled["me"]
+        toks += s.sample(torch.cat([mine, others]).to(TEST_DEVICE), rows).sampled["me"]
     return toks
 
 
@@ -144,8 +145,8 @@ def test_seeded_sampling_is_batch_independent():
 
 
 def test_release_drops_the_generator_so_a_new_request_restarts_its_seed():
-    s = Sampler([EOS])
-    x = torch.randn(1, 50)
+    s = Sampler([EOS], TEST_DEVICE)
+    x = torch.randn(1, 50, device=TEST_DEVICE)
     first = [s.sample(x, [row("r", seed=1)]).sampled["r"][0] for _ in range(6)]
     s.release(["r"])
     again = [s.sample(x, [row("r", seed=1)]).sampled["r"][0] for _ in range(6)]

@@ -12,11 +12,15 @@ Families and what each exercises:
   mistral  MistralForCausalLM without sliding window
   qwen2    q/k/v bias, sliding window configured but switched off (use_sliding_window false)
   qwen3    per-head q/k norm, explicit head_dim != hidden / heads
+
+``TEST_DEVICE`` (env ``TOKENMILL_TEST_DEVICE``, default "cpu") is where the tests that
+exercise device code paths put their models, caches and logits (e.g. "cuda" on a GPU box).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,7 @@ _FAMILIES: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", False, dict(head_dim=32, rope_theta=1000000.0)),
 }
 FAMILIES = tuple(_FAMILIES)
+TEST_DEVICE = os.environ.get("TOKENMILL_TEST_DEVICE", "cpu")
 
 
 @cache
@@ -107,7 +112,7 @@ def make_tiny_hf_model(
     model.save_pretrained(model_dir, **save_kwargs)
     if family == "llama2":
         _to_legacy_config(model_dir / "config.json")
-    _write_tokenizer_files(model_dir, tokenizer, special)
+    write_tokenizer_files(model_dir)
     return model_dir
 
 
@@ -141,7 +146,11 @@ def _to_legacy_config(path: Path) -> None:
     path.write_text(json.dumps(raw, indent=2))
 
 
-def _write_tokenizer_files(model_dir: Path, tokenizer: Tokenizer, special: dict[str, int]) -> None:
+def write_tokenizer_files(model_dir: Path) -> None:
+    """tokenizer.json (``tiny_tokenizer``), tokenizer_config.json with the ChatML template and
+    generation_config.json (eos: <|im_end|>, </s>) into an existing ``model_dir``."""
+    model_dir, tokenizer = Path(model_dir), tiny_tokenizer()
+    special = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     tokenizer.save(str(model_dir / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",

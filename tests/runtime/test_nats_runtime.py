@@ -97,6 +97,20 @@ async def test_typed_stream_round_trip_and_round_robin(make_runtime, plane):
 
 
 @pytest.mark.parametrize("plane", PLANES)
+async def test_next_batch_reads_the_whole_stream_in_order(make_runtime, plane):
+    handler = Recorder(count=50)
+    server, client = await _serve_one(make_runtime, handler, request_plane=plane)
+    stream = client.generate("r", "id1")
+    batches = [await stream.next_batch()]
+    await asyncio.wait_for(handler.finished.wait(), 5)
+    with pytest.raises(StopAsyncIteration):
+        while True:
+            batches.append(await stream.next_batch())
+    assert all(batches)
+    assert [x for batch in batches for x in batch] == [f"r-{i}" for i in range(50)]
+
+
+@pytest.mark.parametrize("plane", PLANES)
 async def test_close_stream_cancels_remote_handler(make_runtime, plane):
     handler = Recorder(count=100, gated=True)
     server, client = await _serve_one(make_runtime, handler, request_plane=plane)
@@ -169,6 +183,16 @@ async def test_duplicate_request_id_on_one_connection_is_rejected(make_runtime):
     with pytest.raises(ValueError, match="already open"):
         await client.generate("r", "same").__anext__()
     await first.aclose()
+
+
+async def test_blobs_round_trip_and_has_blob(make_runtime):
+    runtime = await make_runtime()
+    assert not await runtime.has_blob("tokenizer-none")
+    await runtime.put_blob("tokenizer-y", b"x" * 300_000)
+    assert await runtime.has_blob("tokenizer-y")
+    assert await runtime.get_blob("tokenizer-y") == b"x" * 300_000
+    with pytest.raises(KeyError):
+        await runtime.get_blob("tokenizer-none")
 
 
 async def test_event_plane_pub_sub(make_runtime):

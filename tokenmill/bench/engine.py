@@ -3,7 +3,11 @@ speed against transformers, measured in the same run on the same machine.
 
 Workload: the first ``num_requests`` requests of an AIBrix trace whose prompt (its text,
 tokenized by the model's tokenizer, no chat template) fits ``max_prompt_tokens``; output
-lengths from the trace capped at ``max_output_tokens`` (at least 1), ``ignore_eos``.
+lengths from the trace capped at ``max_output_tokens`` (at least 1), ``ignore_eos``. With
+``random_prompts`` (random-weight models whose tokenizer is not a real one) a prompt is
+instead seeded random token ids, as many as the trace's recorded prompt length.
+
+``device`` ("cpu", "cuda", "auto") holds both engines, their KV and the timed work.
 
 - tokenmill: a closed loop of ``concurrency`` clients over one ``EngineCore`` (continuous
   batching): a request is added as soon as one finishes, in arrival order. TTFT is measured
@@ -43,6 +47,8 @@ DEFAULT_TRACE = Path("/work/shared/data/traces/8min_up_and_down.jsonl")
 class EngineBenchConfig:
     trace: Path = DEFAULT_TRACE
     model: str | None = None
+    device: str = "cpu"
+    random_prompts: bool = False
     dtypes: tuple[str, ...] = ("bf16", "fp32")
     num_requests: int = 256
     max_prompt_tokens: int = 1024
@@ -80,8 +86,13 @@ def load_workload(cfg: EngineBenchConfig, tokenizer) -> Workload:
     from tokenmill.bench.traces import read_aibrix
 
     prompts, outputs = [], []
+    g = torch.Generator().manual_seed(0)
     for r in read_aibrix(cfg.trace):
-        ids = tokenizer.encode(r.prompt_text)
+        if cfg.random_prompts:
+            ids = torch.randint(4, tokenizer.vocab_size, (r.num_input_tokens,), generator=g)
+            ids = ids.tolist()
+        else:
+            ids = tokenizer.encode(r.prompt_text)
         if 0 < len(ids) <= cfg.max_prompt_tokens:
             prompts.append(ids)
             outputs.append(max(1, min(r.num_output_tokens, cfg.max_output_tokens)))
@@ -177,16 +188,18 @@ def single_stream(core: EngineCore, prompt: list[int], num_out: int) -> dict:
 
 def run(cfg: EngineBenchConfig) -> dict:
     from tokenmill.bench import engine_hf
-    from tokenmill.engine.loader import load_model
+    from tokenmill.engine.loader import load_model, resolve_device
 
     if cfg.only_single:
         return run_single(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     result: dict = {"config": _jsonable(asdict(cfg)), "machine": machine_info(), "runs": {}}
-    result["memory_bandwidth_gb_s"] = engine_hf.memory_bandwidth_gb_s()
+    device = resolve_device(cfg.device)
+    result["machine"]["device"] = _device_name(device)
+    result["memory_bandwidth_gb_s"] = engine_hf.memory_bandwidth_gb_s(device=device)
     for dtype in cfg.dtypes:
-        loaded = load_model(cfg.model, dtype=dtype, device="cpu")
+        loaded = load_model(cfg.model, dtype=dtype, device=cfg.device)
         work = load_workload(cfg, loaded.tokenizer)
         run_ = {
             "workload": {
@@ -209,15 +222,15 @@ def run_single(cfg: EngineBenchConfig) -> dict:
     (when it exists) in place: the throughput runs and the file's top-level config stay; each
     rerun dtype records when and under which load it ran in ``single_stream_rerun``."""
     from tokenmill.bench import engine_hf
-    from tokenmill.engine.loader import load_model
+    from tokenmill.engine.loader import load_model, resolve_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     exists = cfg.out is not None and cfg.out.exists()
     result = json.loads(cfg.out.read_text()) if exists else {"runs": {}}
-    bandwidth = engine_hf.memory_bandwidth_gb_s()
+    bandwidth = engine_hf.memory_bandwidth_gb_s(device=resolve_device(cfg.device))
     for dtype in cfg.dtypes:
-        loaded = load_model(cfg.model, dtype=dtype, device="cpu")
+        loaded = load_model(cfg.model, dtype=dtype, device=cfg.device)
         prompt = _single_prompt(load_workload(cfg, loaded.tokenizer), cfg.single_prompt_tokens)
         hf = engine_hf.load_hf(loaded) if cfg.baseline else None
         run_ = result["runs"].setdefault(dtype, {})
@@ -256,7 +269,11 @@ def _measure(cfg: EngineBenchConfig, loaded, hf, work: Workload, full: bool, ban
     from tokenmill.bench import engine_hf
 
     name = str(loaded.dtype).removeprefix("torch.")
-    run_: dict = {"decode_attention": engine_hf.attention_variants(loaded.config, loaded.dtype)}
+    run_: dict = {
+        "decode_attention": engine_hf.attention_variants(
+            loaded.config, loaded.dtype, device=loaded.device
+        )
+    }
     log.info("%s decode attention: %s", name, run_["decode_attention"])
     prompt = _single_prompt(work, cfg.single_prompt_tokens)
     run_.update(single_streams(cfg, loaded, hf, prompt))
@@ -324,6 +341,10 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_avg_at_start": os.getloadavg(),
     }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _jsonable(d: dict) -> dict:

@@ -1,6 +1,10 @@
 """The baselines and measurements behind ``tokenmill bench engine`` (see ``engine.py``):
 transformers ``generate`` (static batches, single stream), memory bandwidth, and a profile
-of one tokenmill decode step against its roofline. transformers is imported only here."""
+of one tokenmill decode step against its roofline. transformers is imported only here.
+
+Everything runs on the device of the ``LoadedModel`` (the CPU or CUDA); on CUDA every timer
+is read after ``torch.cuda.synchronize`` so queued kernels are counted. The decode profile
+records host (CPU) time per op: on CUDA that is launch and Python overhead, not kernel time."""
 
 from __future__ import annotations
 
@@ -13,18 +17,30 @@ from tokenmill.core.request import EngineRequest
 from tokenmill.core.sampling import SamplingParams
 
 
-def memory_bandwidth_gb_s(num_bytes: int = 256 << 20, repeats: int = 5) -> dict:
+def sync(device: torch.device) -> None:
+    """Waits for queued work on ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth_gb_s(
+    num_bytes: int = 256 << 20, repeats: int = 5, device: torch.device | str = "cpu"
+) -> dict:
     """Best of ``repeats``: read (``sum``) and copy (read + write) bandwidth of a buffer far
-    larger than the caches."""
-    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    larger than the caches, on ``device``."""
+    device = torch.device(device)
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     read = copy = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         src.sum()
+        sync(device)
         read = min(read, time.perf_counter() - t)
         t = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         copy = min(copy, time.perf_counter() - t)
     return {"read": round(num_bytes / read / 1e9, 2), "copy": round(2 * num_bytes / copy / 1e9, 2)}
 
@@ -106,14 +122,16 @@ def load_hf(loaded):
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=loaded.dtype
         )
-    return model.eval()
+    return model.to(loaded.device).eval()
 
 
 @torch.inference_mode()
 def _generate(hf, prompts: list[list[int]], num_new: int, pad: int) -> float:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [B, W] left-padded
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [B, W]
+    width, device = max(map(len, prompts)), hf.device
+    rows = [[pad] * (width - len(p)) + p for p in prompts]
+    ids = torch.tensor(rows, device=device)  # [B, W] left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sync(device)
     t = time.perf_counter()
     out = hf.generate(
         input_ids=ids,
@@ -123,6 +141,7 @@ def _generate(hf, prompts: list[list[int]], num_new: int, pad: int) -> float:
         do_sample=False,
         pad_token_id=pad,
     )
+    sync(device)
     elapsed = time.perf_counter() - t
     assert out.shape[1] == width + num_new, "transformers stopped early"
     return elapsed
@@ -155,10 +174,16 @@ def hf_static_batches(hf, work, batch_size: int, pad: int) -> dict:
     }
 
 
-def attention_variants(config, dtype: torch.dtype, batch: int = 32, repeats: int = 10) -> dict:
+def attention_variants(
+    config,
+    dtype: torch.dtype,
+    batch: int = 32,
+    repeats: int = 10,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Decode attention of one layer at the model's shape, ``batch`` sequences with contexts
-    spread over 128..640 tokens: per-sequence SDPA vs padded groups of 4, 8 and all rows.
-    Best of ``repeats``, in ms per layer."""
+    spread over 128..640 tokens: per-sequence SDPA vs padded groups of 4, 8 and all rows, on
+    ``device``. Best of ``repeats``, in ms per layer."""
     from tokenmill.engine.executor.paged_attention import PagedAttention
 
     g = torch.Generator().manual_seed(0)
@@ -166,8 +191,9 @@ def attention_variants(config, dtype: torch.dtype, batch: int = 32, repeats: int
     per_seq = 640 // 16
     seqs = [(n - 1, 1, list(range(i * per_seq, (i + 1) * per_seq))) for i, n in enumerate(lens)]
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
-    q = torch.randn(batch, hq, d, generator=g).to(dtype)  # [B, Hq, D]
-    k = torch.randn(batch, hkv, d, generator=g).to(dtype)  # [B, Hkv, D]
+    device = torch.device(device)
+    q = torch.randn(batch, hq, d, generator=g).to(device, dtype)  # [B, Hq, D]
+    k = torch.randn(batch, hkv, d, generator=g).to(device, dtype)  # [B, Hkv, D]
     results = {}
     for name, kwargs in {
         "per_sequence": {"batched_decode": False},
@@ -175,12 +201,14 @@ def attention_variants(config, dtype: torch.dtype, batch: int = 32, repeats: int
         "group_8": {"decode_group_size": 8},
         f"group_{batch}": {"decode_group_size": batch},
     }.items():
-        attn = PagedAttention(1, batch * per_seq, 16, hkv, d, dtype, **kwargs)
+        attn = PagedAttention(1, batch * per_seq, 16, hkv, d, dtype, device, **kwargs)
         attn.prepare(seqs)
         best = float("inf")
         for _ in range(repeats):
+            sync(device)
             t = time.perf_counter()
             attn(0, q, k, k)
+            sync(device)
             best = min(best, time.perf_counter() - t)
         results[name] = round(1000 * best, 3)
     return {"batch": batch, "mean_context": round(sum(lens) / batch, 1), "ms_per_layer": results}

@@ -54,6 +54,8 @@ class StopStringMatcher:
         self.stop_reason: str | None = None
 
     def feed(self, text: str) -> str:
+        if not self.stop:
+            return text
         if self.stop_reason is not None:
             return ""
         buf = self._held + text
@@ -124,11 +126,12 @@ class IncrementalDetokenizer:
 
     def push(self, new_token_ids: Sequence[int]) -> str:
         """Appends ids; returns the newly released text ("" once stopped)."""
-        if self.stopped:
+        matcher = self._matcher
+        if matcher.stop_reason is not None:
             return ""
         self._ids.extend(new_token_ids)
         self.num_output_tokens += len(new_token_ids)
-        return self._matcher.feed(self._decode_delta(final=False))
+        return matcher.feed(self._decode_delta(final=False))
 
     def flush(self) -> str:
         """At the end of the request: the pending bytes and held-back text ("" if stopped)."""
@@ -138,22 +141,25 @@ class IncrementalDetokenizer:
         return text + ("" if self.stopped else self._matcher.release())
 
     def _decode_delta(self, final: bool) -> str:
-        if self._read_offset == len(self._ids):
+        ids, prefix, read = self._ids, self._prefix_offset, self._read_offset
+        num_ids = len(ids)
+        if read == num_ids:
             return ""
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full_text = self._decode(self._ids[self._prefix_offset :])
+        prefix_text = self._decode(ids[prefix:read])
+        full_text = self._decode(ids[prefix:])
         if full_text == prefix_text:  # ids that decode to nothing (skipped special tokens):
-            del self._ids[self._read_offset :]  # drop them so the window does not grow
+            del ids[read:]  # drop them so the window does not grow
             return ""
         if len(full_text) < len(prefix_text):
             return ""
         new_text = full_text[len(prefix_text) :]
-        num_stalled = len(self._ids) - self._grown_at
-        if new_text.endswith("\ufffd") and not final and num_stalled <= MAX_PENDING_TOKENS:
+        if (new_text.endswith("\ufffd") and not final
+                and num_ids - self._grown_at <= MAX_PENDING_TOKENS):  # fmt: skip
             return self._partial_delta(new_text)
-        delta = new_text[self._num_emitted :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._grown_at, self._num_emitted = len(self._ids), 0
+        delta = new_text[self._num_emitted :] if self._num_emitted else new_text
+        self._prefix_offset = read
+        self._read_offset = self._grown_at = num_ids
+        self._num_emitted = 0
         return delta
 
     def _partial_delta(self, new_text: str) -> str:

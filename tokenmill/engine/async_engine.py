@@ -1,17 +1,25 @@
 """``AsyncEngine``: the asyncio client of one engine replica (the worker and frontend use it).
 
 The engine loop runs in its own thread (``loop.py``); the event loop never runs a forward.
-Each step's outputs cross to the event loop in ONE ``call_soon_threadsafe`` per event loop
-and are fanned out to per-request ``asyncio.Queue``s there.
+Outputs cross to the event loop through one inbox per event loop: the loop thread appends
+each step's outputs and wakes the event loop (``call_soon_threadsafe``) only when no drain is
+scheduled. A drain that found outputs schedules the next one ``output_interval_s`` later, so
+while outputs keep coming the event loop takes them once per interval (one wake-up, and one
+item per request, for all the steps in between) instead of once per step; the first output
+after a quiet interval is delivered at once. Steps longer than the interval (a real model)
+are delivered one by one as before; a fast engine (the mocker) gets its outputs batched.
 
 Contracts:
 - ``generate`` validates synchronously (``InvalidRequestError`` / ``ContextLengthExceededError``
   raised to the caller before anything is queued), then yields ``RequestOutput``s until one
-  has ``finish_reason`` set. Leaving the iteration early (``break``, cancellation,
-  ``aclose()``, GeneratorExit) aborts the request: its blocks are freed at the loop's next turn,
-  before its next step.
-- If the loop dies, every open stream raises ``EngineDeadError`` at its next ``await`` and
-  every later ``generate`` raises it at once; ``is_healthy()`` turns False.
+  has ``finish_reason`` set. Outputs that queued up for a request while its consumer was busy
+  are merged into one (``merge_outputs``: token ids, text and logprobs concatenated, the last
+  counts and finish), so a slow consumer takes one item per wake-up, not one per token; a
+  consumer that keeps up gets one output per step.
+- Leaving the iteration early (``break``, cancellation, ``aclose()``, GeneratorExit) aborts the
+  request: its blocks are freed at the loop's next turn, before its next step.
+- If the loop dies, every open stream raises ``EngineDeadError`` (after the outputs that came
+  before it) and every later ``generate`` raises it at once; ``is_healthy()`` turns False.
 """
 
 from __future__ import annotations
@@ -27,15 +35,61 @@ from tokenmill.core.request import EngineRequest, RequestOutput
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.loop import EngineLoop
 
-_Stream = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+DEFAULT_OUTPUT_INTERVAL_S = 0.001
+
+
+class _Inbox:
+    """Outputs handed from the loop thread to one event loop (guarded by the engine's lock).
+    ``posted``: a drain is scheduled and will take everything appended until it runs."""
+
+    __slots__ = ("loop", "lock", "interval_s", "items", "posted", "num_streams")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lock: threading.Lock, interval_s: float):
+        self.loop, self.lock, self.interval_s = loop, lock, interval_s
+        self.items: list[tuple[_RequestStream, Any]] = []
+        self.posted = False
+        self.num_streams = 0
+
+
+class _RequestStream:
+    """One request's outputs on its event loop, and the consumer waiting for them."""
+
+    __slots__ = ("inbox", "outputs", "error", "waiter")
+
+    def __init__(self, inbox: _Inbox):
+        self.inbox = inbox
+        self.outputs: list[RequestOutput] = []
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            self.outputs.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self.waiter = self.inbox.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
 
 
 class AsyncEngine:
-    """Owns the loop thread over ``core``; call ``shutdown()`` (or use ``async with``)."""
+    """Owns the loop thread over ``core``; call ``shutdown()`` (or use ``async with``).
+    ``output_interval_s``: how long outputs that follow a delivered one may wait to be
+    delivered together (0: every step's outputs at once)."""
 
-    def __init__(self, core: EngineCore, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, core: EngineCore, clock: Callable[[], float] = time.monotonic,
+                 output_interval_s: float = DEFAULT_OUTPUT_INTERVAL_S):
         self.core = core
-        self._streams: dict[str, _Stream] = {}
+        self.output_interval_s = output_interval_s
+        self._streams: dict[str, _RequestStream] = {}
+        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
         self._lock = threading.Lock()
         self._loop = EngineLoop(core, self._on_outputs, self._on_dead, clock).start()
 
@@ -57,25 +111,43 @@ class AsyncEngine:
         rid = request.request_id
         self._check_alive()
         self.core.validate(request)
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if rid in self._streams:
-                raise InvalidRequestError(f"duplicate request id {rid!r}", param="request_id")
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+        stream = self._register(rid, asyncio.get_running_loop())
         finished = False
         try:
             self._loop.add(request)
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                if not stream.outputs:
+                    if stream.error is not None:
+                        raise stream.error
+                    await stream.wait()
+                    continue
+                outputs, stream.outputs = stream.outputs, []
+                out = outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
+                finished = out.finished
+                yield out
         finally:
-            with self._lock:
-                self._streams.pop(rid, None)
+            self._unregister(rid, stream)
             if not finished and self._loop.alive:
                 self._loop.abort([rid])
+
+    def _register(self, rid: str, loop: asyncio.AbstractEventLoop) -> _RequestStream:
+        with self._lock:
+            if rid in self._streams:
+                raise InvalidRequestError(f"duplicate request id {rid!r}", param="request_id")
+            inbox = self._inboxes.get(loop)
+            if inbox is None:
+                inbox = self._inboxes[loop] = _Inbox(loop, self._lock, self.output_interval_s)
+            inbox.num_streams += 1
+            stream = self._streams[rid] = _RequestStream(inbox)
+        return stream
+
+    def _unregister(self, rid: str, stream: _RequestStream) -> None:
+        with self._lock:
+            del self._streams[rid]
+            inbox = stream.inbox
+            inbox.num_streams -= 1
+            if inbox.num_streams == 0:  # a drain still posted keeps its own reference
+                del self._inboxes[inbox.loop]
 
     def abort(self, request_id: str) -> None:
         """Aborts a request; its stream ends with a finish_reason ABORT output."""
@@ -103,34 +175,69 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is not running: {self._loop.error!r}")
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Loop thread: one hand-off per event loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        """Loop thread: appends to the inboxes; wakes an event loop only if its inbox was idle."""
         with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    by_loop.setdefault(stream[0], []).append((stream[1], out))
-        for event_loop, items in by_loop.items():
-            _post(event_loop, items)
+            streams = self._streams
+            post = [self._append(stream, out) for out in outputs
+                    if (stream := streams.get(out.request_id)) is not None]  # fmt: skip
+        for inbox in post:
+            if inbox is not None:
+                _post(inbox)
+
+    def _append(self, stream: _RequestStream, item: Any) -> _Inbox | None:
+        """Under the lock; returns the inbox when it needs a drain posted."""
+        inbox = stream.inbox
+        inbox.items.append((stream, item))
+        if inbox.posted:
+            return None
+        inbox.posted = True
+        return inbox
 
     def _on_dead(self, error: BaseException) -> None:
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(repr(error))
         with self._lock:
-            streams = list(self._streams.values())
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for event_loop, queue in streams:
-            by_loop.setdefault(event_loop, []).append((queue, dead))
-        for event_loop, items in by_loop.items():
-            _post(event_loop, items)
+            post = [self._append(stream, dead) for stream in self._streams.values()]
+        for inbox in post:
+            if inbox is not None:
+                _post(inbox)
 
 
-def _post(event_loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """One output equivalent to ``outputs`` (consecutive, of one request) in order: new token
+    ids, text and logprobs concatenated; finish, stop reason, error and the cumulative counts
+    of the last."""
+    last = outputs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outputs):
+        logprobs = [lp for o in outputs if o.logprobs for lp in o.logprobs]
+    return RequestOutput(
+        request_id=last.request_id,
+        new_token_ids=[t for o in outputs for t in o.new_token_ids],
+        text_delta="".join(o.text_delta for o in outputs),
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        error=last.error,
+        num_prompt_tokens=last.num_prompt_tokens,
+        num_output_tokens=last.num_output_tokens,
+        num_cached_tokens=last.num_cached_tokens,
+    )
+
+
+def _post(inbox: _Inbox) -> None:
     try:
-        event_loop.call_soon_threadsafe(_deliver, items)
+        inbox.loop.call_soon_threadsafe(_drain, inbox)
     except RuntimeError:  # the event loop is closed: nobody is listening
         pass
 
 
-def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _drain(inbox: _Inbox) -> None:
+    """Event loop: moves everything in the inbox to its request streams; when there was
+    something, the next drain is scheduled (more outputs are likely on their way)."""
+    with inbox.lock:
+        items, inbox.items = inbox.items, []
+        inbox.posted = bool(items) and inbox.interval_s > 0
+    if inbox.posted:
+        inbox.loop.call_later(inbox.interval_s, _drain, inbox)
+    for stream, item in items:
+        stream.put(item)

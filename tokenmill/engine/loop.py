@@ -2,7 +2,8 @@
 
 Other threads talk to it only through ``add`` / ``abort`` / ``shutdown``, which queue a
 command and notify a condition variable: the loop sleeps on that condition when idle (no
-polling sleeps) and drains all queued commands before each step. Each step's outputs are
+polling sleeps) and drains all queued commands before each step; after such a wait it calls
+``executor.on_wake()`` (the mocker starts its simulated time there). Each step's outputs are
 handed to ``on_outputs`` as one list, from the loop thread.
 
 If anything escapes ``EngineCore.step`` (the core already isolates per-request failures),
@@ -102,11 +103,15 @@ class EngineLoop:
     def _next_commands(self) -> bool | None:
         """One loop turn: wait for work, apply commands, step. None when shutting down."""
         with self._cond:
+            woke = False
             while not (self._commands or self._stopping or self.core.has_unfinished_requests()):
                 self._cond.wait()
+                woke = True
             if self._stopping:
                 return None
             commands, self._commands = self._commands, []
+        if woke:
+            self.core.executor.on_wake()
         outputs = self._apply(commands)
         start = self.clock()
         outputs.extend(self.core.step())

@@ -13,7 +13,10 @@ that completes its prefill, so one request alone has TTFT = prefill_ms(N) exactl
 "decode": [[u, ms], ...]}``, linear between points, clamped at the ends).
 
 Token ids come from a deterministic function of (request id, position, seed) over a
-configurable vocabulary. For live use ``MockExecutor`` sleeps ``step_ms / speedup_ratio``.
+configurable vocabulary. For live use a ``StepPacer`` makes each step *end* on its simulated
+deadline (``step start + step_ms / speedup_ratio``): the real CPU work of a busy engine
+(scheduling, output handling, the executor itself) is absorbed inside the simulated step, as
+in the offline replay, instead of being added to it.
 
 ``decode_run_length`` / ``advance_decode`` are a thin fast-forward wrapper around the
 scheduler for offline replay: k pure-decode steps in which nothing but the token counts
@@ -137,11 +140,65 @@ class TokenSource:
             self._keys.pop(rid, None)
 
 
+MAX_LAG_S = 0.025  # wall time a live mocker may make up after steps that overran
+
+
+class StepPacer:
+    """Wall-clock pacing of live mocker steps: each step ends at its deadline
+    ``start + step_ms / 1000 / speedup_ratio`` (seconds of ``clock``), where ``start`` is
+
+    - the previous step's deadline while the engine is continuously busy, so the real work
+      between two steps is part of the simulated step, not added to it;
+    - the wake-up time (``on_wake``) when the engine loop was idle before this step;
+    - "now" for the first step ever (no wake-up seen, e.g. a core stepped by hand).
+
+    A step whose real work overran its deadline does not sleep. The schedule may then run
+    behind the clock, but by at most ``max_lag_s``: ``start`` is never earlier than
+    ``now - max_lag_s``, so a stall (GC, CPU contention) longer than that is lost, not made up
+    later by a burst of steps that do not sleep. ``clock`` and ``sleep`` are injectable.
+    ``num_steps``, ``num_late`` (steps that found their deadline passed) and ``late_s`` (by how
+    much, summed) tell how well the host kept up.
+    """
+
+    def __init__(
+        self,
+        speedup_ratio: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        max_lag_s: float = MAX_LAG_S,
+    ):
+        if speedup_ratio <= 0:
+            raise ValueError("speedup_ratio must be positive")
+        self.speedup_ratio = speedup_ratio
+        self.max_lag_s = max_lag_s
+        self._clock = clock
+        self._sleep = sleep
+        self._deadline: float | None = None  # where the next step starts
+        self.num_steps = self.num_late = 0
+        self.late_s = 0.0
+
+    def on_wake(self) -> None:
+        """The engine was idle and has work again: the next step starts now."""
+        self._deadline = self._clock()
+
+    def pace(self, step_ms: float) -> None:
+        """Sleeps until the end of a step of ``step_ms`` simulated milliseconds."""
+        now = self._clock()
+        start = now if self._deadline is None else max(self._deadline, now - self.max_lag_s)
+        self._deadline = start + step_ms / 1000.0 / self.speedup_ratio
+        self.num_steps += 1
+        if self._deadline > now:
+            self._sleep(self._deadline - now)
+        else:
+            self.num_late += 1
+            self.late_s += now - self._deadline
+
+
 class MockExecutor(Executor):
     """Simulated executor: samples ``TokenSource`` tokens and prices the step with ``timing``.
 
-    ``speedup_ratio`` None: no sleeping (offline use reads ``last_step_ms``); otherwise each
-    ``execute`` sleeps ``step_ms / speedup_ratio`` through the injected ``sleep``.
+    ``pacer`` None: no sleeping (offline use reads ``last_step_ms``); otherwise each
+    ``execute`` ends on the step's deadline (``StepPacer``).
     """
 
     def __init__(
@@ -150,15 +207,13 @@ class MockExecutor(Executor):
         block_size: int,
         timing: StepTiming | None = None,
         tokens: TokenSource | None = None,
-        speedup_ratio: float | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        pacer: StepPacer | None = None,
     ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.timing = timing or PolynomialTiming()
         self.tokens = tokens or TokenSource()
-        self.speedup_ratio = speedup_ratio
-        self._sleep = sleep
+        self.pacer = pacer
         self.last_step_ms = 0.0
 
     def sample(self, out: SchedulerOutput) -> dict[str, list[int]]:
@@ -171,9 +226,13 @@ class MockExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
         self.last_step_ms = step_ms(self.timing, scheduler_output)
-        if self.speedup_ratio:
-            self._sleep(self.last_step_ms / 1000.0 / self.speedup_ratio)
+        if self.pacer is not None:
+            self.pacer.pace(self.last_step_ms)
         return ExecutorOutput(sampled=self.sample(scheduler_output))
+
+    def on_wake(self) -> None:
+        if self.pacer is not None:
+            self.pacer.on_wake()
 
     def release(self, request_ids: Iterable[str]) -> None:
         self.tokens.release(request_ids)
@@ -234,18 +293,15 @@ def build_mock_engine_core(
     scheduler_config: SchedulerConfig,
     cache_config: CacheConfig,
     timing: StepTiming | None = None,
-    speedup_ratio: float | None = 1.0,
+    pacer: StepPacer | None = None,
     vocab_size: int = 32_000,
     event_sink: KvEventSink = null_sink,
-    sleep: Callable[[float], None] = time.sleep,
 ):
     """A live ``EngineCore`` whose executor is the mocker: the real scheduler and pool (KV
-    events to ``event_sink``), steps that take ``step_ms / speedup_ratio`` of wall time."""
+    events to ``event_sink``), steps paced to wall time by ``pacer`` (None: no sleeping)."""
     from tokenmill.engine.core import EngineCore
 
     scheduler = Scheduler(scheduler_config, cache_config, (), event_sink)
     tokens = TokenSource(vocab_size)
-    executor = MockExecutor(
-        cache_config.num_blocks, cache_config.block_size, timing, tokens, speedup_ratio, sleep
-    )
+    executor = MockExecutor(cache_config.num_blocks, cache_config.block_size, timing, tokens, pacer)
     return EngineCore(scheduler, executor, vocab_size)

@@ -5,14 +5,21 @@ Latencies are seconds. ``queue_time`` is the time from the HTTP request's arriva
 stream being opened on a worker (parsing, chat template, tokenization, router queue); time
 queued inside the engine shows in TTFT. Worker gauges (running, waiting, KV usage, prefix hit
 rate) are refreshed from the workers' published load at scrape time.
+
+The latency histograms are ``FastHistogram``s: plain bucket counts updated on the event loop
+(no lock, one bisect, a count per call so a batch of tokens is one call) and rendered as
+ordinary Prometheus histograms (``_bucket``/``_sum``/``_count``) at scrape time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from tokenmill.runtime.wire import WorkerLoad
 
@@ -36,6 +43,33 @@ _LATENCY_BUCKETS = (
 _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
 
+class FastHistogram:
+    """A histogram without labels, as ``prometheus_client.Histogram`` renders it, but cheap
+    enough to update once per streamed token. Not thread-safe for writers: only the event
+    loop observes; a scrape from another thread may see a count one batch ahead of the sum.
+    ``buckets`` are the finite upper bounds, ascending (``+Inf`` is added)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry):  # fmt: skip
+        self.name, self.documentation = name, documentation
+        self._bounds = tuple(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Records ``count`` observations of ``value``."""
+        self._counts[bisect.bisect_left(self._bounds, value)] += count
+        self._sum += value * count
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        buckets, total = [], 0
+        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets, self._sum)
+
+
 class FrontendMetrics:
     def __init__(self) -> None:
         prometheus_client.disable_created_metrics()  # no *_created series (process-wide)
@@ -46,23 +80,17 @@ class FrontendMetrics:
             ["endpoint", "status"],
             registry=r,
         )
-        self.ttft = Histogram(
-            "tokenmill_time_to_first_token_seconds", "TTFT", buckets=_LATENCY_BUCKETS, registry=r
+        self.ttft = FastHistogram(
+            "tokenmill_time_to_first_token_seconds", "TTFT", _LATENCY_BUCKETS, r
         )
-        self.itl = Histogram(
-            "tokenmill_inter_token_latency_seconds", "ITL", buckets=_LATENCY_BUCKETS, registry=r
+        self.itl = FastHistogram(
+            "tokenmill_inter_token_latency_seconds", "ITL per token", _LATENCY_BUCKETS, r
         )
-        self.e2e = Histogram(
-            "tokenmill_e2e_request_latency_seconds",
-            "E2E per choice",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = FastHistogram(
+            "tokenmill_e2e_request_latency_seconds", "E2E per choice", _LATENCY_BUCKETS, r
         )
-        self.queue_time = Histogram(
-            "tokenmill_queue_time_seconds",
-            "arrival to worker stream open",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = FastHistogram(
+            "tokenmill_queue_time_seconds", "arrival to worker stream open", _LATENCY_BUCKETS, r
         )
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "prompt tokens", registry=r)
         self.generated_tokens = Counter(
@@ -89,11 +117,8 @@ class FrontendMetrics:
         self.router_decisions = Counter(
             "tokenmill_router_decisions", "routing decisions by worker", ["worker"], registry=r
         )
-        self.router_overhead = Histogram(
-            "tokenmill_router_overhead_seconds",
-            "time to pick a worker",
-            buckets=_OVERHEAD_BUCKETS,
-            registry=r,
+        self.router_overhead = FastHistogram(
+            "tokenmill_router_overhead_seconds", "time to pick a worker", _OVERHEAD_BUCKETS, r
         )
 
     def observe_route(self, instance_id: str, seconds: float) -> None:

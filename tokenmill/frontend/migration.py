@@ -46,8 +46,9 @@ def continuation(request: EngineRequest, generated: list[int]) -> EngineRequest:
 
 
 class MigratingStream:
-    """Async iterator of ``RequestOutput``s for ``request``; call ``open()`` first (routing
-    errors, e.g. shedding, surface there). ``aclose()`` closes the current worker stream."""
+    """Batches of ``RequestOutput``s for ``request`` (``next_batch()``); call ``open()`` first
+    (routing errors, e.g. shedding, surface there). ``aclose()`` closes the current worker
+    stream."""
 
     def __init__(
         self,
@@ -77,20 +78,20 @@ class MigratingStream:
     def _time_left(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
 
-    def __aiter__(self) -> MigratingStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
+    async def next_batch(self) -> list[RequestOutput]:
+        """Waits until at least one output is ready and returns every output ready now, in
+        order; ``StopAsyncIteration`` at the end. A worker failure migrates the request first
+        (the outputs that came before it were returned by the previous call)."""
         while True:
             assert self._stream is not None, "open() first"
             try:
-                out = await self._stream.__anext__()
+                outs = await self._stream.next_batch()
             except InstanceFailedError as exc:
                 done = await self._migrate(exc)
                 if done is not None:
-                    return done
+                    return [done]
                 continue
-            return self._rewrite(out)
+            return [self._rewrite(out) for out in outs]
 
     def _rewrite(self, out: RequestOutput) -> RequestOutput:
         self._generated.extend(out.new_token_ids)

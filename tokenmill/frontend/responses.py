@@ -24,9 +24,6 @@ def sse(obj: Any) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-SSE_DONE = b"data: [DONE]\n\n"
-
-
 @dataclass
 class Usage:
     """Token counts of one HTTP request. The prompt counts once per prompt (not per choice);
@@ -36,10 +33,12 @@ class Usage:
     num_prompt_tokens: int
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
+    num_finished: int = 0  # choices that ended (their event with a finish reason was added)
 
     def add(self, event: ChoiceEvent) -> None:
         if event.finish_reason is None:
             return
+        self.num_finished += 1
         self.num_completion_tokens += event.num_output_tokens
         if event.index % self.n == 0:
             self.num_cached_tokens += event.num_cached_tokens
@@ -98,34 +97,47 @@ def completion_logprobs(
 
 
 class StreamFormatter:
-    """SSE chunks for one streaming request."""
+    """SSE chunks for one streaming request: one ``data:`` frame per event, byte for byte what
+    encoding the OpenAI chunk object would give (the envelope is encoded once per request)."""
 
     def __init__(self, meta: ResponseMeta, token_text: TokenText, include_usage: bool):
         self.meta, self.token_text, self.include_usage = meta, token_text, include_usage
         self._started: set[int] = set()
         self._object = "chat.completion.chunk" if meta.chat else "text_completion"
+        # b'{"id":...,"choices":[]}' (or ...[],"usage":null}) cut after the '['
+        envelope = _encode(self._envelope([], None))
+        cut = envelope.index(b'"choices":[]') + len(b'"choices":[')
+        self._head, self._tail = b"data: " + envelope[:cut], envelope[cut:] + b"\n\n"
 
-    def chunk(self, event: ChoiceEvent) -> bytes:
-        if self.meta.chat:
-            choice = self._chat_choice(event)
-        else:
-            lp = completion_logprobs(event.logprobs, self.token_text) if event.logprobs else None
-            choice = {"index": event.index, "text": event.text, "logprobs": lp,
-                      "finish_reason": event.finish_reason}  # fmt: skip
-        return sse(self._envelope([choice], None))
+    def chunks(self, events: list[ChoiceEvent]) -> bytes:
+        """The frames of ``events``, concatenated."""
+        head, tail = self._head, self._tail
+        return b"".join([head + self._choice(e) + tail for e in events])
 
     def usage_chunk(self, usage: Usage) -> bytes:
         return sse(self._envelope([], usage.to_json()))
 
-    def _chat_choice(self, event: ChoiceEvent) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
-        if event.index not in self._started:
-            self._started.add(event.index)
-            delta["role"] = "assistant"
-        delta["content"] = event.text
-        lp = chat_logprobs(event.logprobs, self.token_text) if event.logprobs else None
-        return {"index": event.index, "delta": delta, "logprobs": lp,
-                "finish_reason": event.finish_reason}  # fmt: skip
+    def _choice(self, event: ChoiceEvent) -> bytes:
+        text = _encode(event.text)
+        rest = b',"finish_reason":null}' if event.finish_reason is None else (
+            b',"finish_reason":' + _encode(event.finish_reason) + b"}")  # fmt: skip
+        if event.logprobs:
+            rest = b',"logprobs":' + _encode(self._logprobs(event)) + rest
+        else:
+            rest = b',"logprobs":null' + rest
+        index = b'{"index":%d,' % event.index
+        if not self.meta.chat:
+            return index + b'"text":' + text + rest
+        if event.index in self._started:
+            return index + b'"delta":{"content":' + text + b"}" + rest
+        self._started.add(event.index)
+        return index + b'"delta":{"role":"assistant","content":' + text + b"}" + rest
+
+    def _logprobs(self, event: ChoiceEvent) -> dict[str, Any]:
+        assert event.logprobs
+        if self.meta.chat:
+            return chat_logprobs(event.logprobs, self.token_text)
+        return completion_logprobs(event.logprobs, self.token_text)
 
     def _envelope(self, choices: list[Any], usage: Any) -> dict[str, Any]:
         body = {"id": self.meta.id, "object": self._object, "created": self.meta.created,

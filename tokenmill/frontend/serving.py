@@ -1,8 +1,13 @@
 """Runs a prepared request: one engine request per (prompt, choice), routed through the
-dispatcher (migrated to another worker if its worker fails: ``migration.py``), detokenized incrementally with stop strings, merged into one stream of
-``ChoiceEvent``s in arrival order.
+dispatcher (migrated to another worker if its worker fails: ``migration.py``), detokenized
+incrementally with stop strings, merged into one ``EventSource`` of ``ChoiceEvent``s in
+arrival order.
 
-Closing the merged stream (client gone, deadline, stop string) closes every worker stream,
+Everything moves in batches: when several worker outputs are ready at once (a loaded
+frontend, or a worker that sent several tokens), they are detokenized in one pass and the
+app writes their SSE chunks in one send. Under light load a batch is one token.
+
+Closing the merged source (client gone, deadline, stop string) closes every worker stream,
 which aborts the engine requests and frees their blocks. Engine outputs with finish reason
 ABORT or ERROR end the stream with ``RequestAbortedError`` / ``EngineError``.
 """
@@ -13,9 +18,9 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import msgspec
 
@@ -32,7 +37,7 @@ class EngineError(TokenmillError):
     """The engine failed the request (not the client's fault: HTTP 500)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ChoiceEvent:
     """New text of one choice; ``finish_reason`` is set on the choice's last event, with the
     final token counts."""
@@ -46,6 +51,20 @@ class ChoiceEvent:
     num_cached_tokens: int = 0
 
 
+class MemoDecoder:
+    """``tokenizer.decode(ids, skip_special_tokens)`` with one-id results memoized: in steady
+    state half of an incremental detokenizer's decodes are of the last token alone."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool, maxsize: int = 65536):
+        self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        self.one: Callable[[int], str] = functools.lru_cache(maxsize=maxsize)(
+            lambda t: self._decode([t])
+        )  # the text of one token id
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        return self.one(ids[0]) if len(ids) == 1 else self._decode(ids)
+
+
 @dataclass(frozen=True)
 class ServeContext:
     model: ServedModel
@@ -53,6 +72,11 @@ class ServeContext:
     metrics: FrontendMetrics
     request_timeout_s: float | None = None
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
+    decoders: dict[bool, MemoDecoder] = field(init=False)  # by skip_special_tokens
+
+    def __post_init__(self) -> None:
+        decoders = {skip: MemoDecoder(self.model.tokenizer, skip) for skip in (False, True)}
+        object.__setattr__(self, "decoders", decoders)
 
 
 def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineRequest]:
@@ -78,10 +102,10 @@ def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineReque
 
 async def open_streams(
     ctx: ServeContext, requests: list[EngineRequest], arrival: float, router: Any = None
-) -> list[AsyncIterator[ChoiceEvent]]:
+) -> list[ChoiceStream]:
     """Routes every request now (so shedding happens before any response is sent);
     ``router``: per-request router options (``schemas.RouterOptions``) for the policy."""
-    streams = []
+    streams: list[ChoiceStream] = []
     try:
         for index, request in enumerate(requests):
             stream = MigratingStream(
@@ -89,36 +113,80 @@ async def open_streams(
             )
             await stream.open()
             ctx.metrics.queue_time.observe(time.monotonic() - arrival)
-            streams.append(_choice_events(ctx, index, request, stream, arrival))
+            streams.append(ChoiceStream(ctx, index, request, stream, arrival))
     except BaseException:
         for s in streams:
-            await s.aclose()  # type: ignore[attr-defined]
+            await s.aclose()
         raise
     return streams
 
 
-async def _choice_events(
-    ctx: ServeContext, index: int, request: EngineRequest, stream, arrival: float
-) -> AsyncIterator[ChoiceEvent]:
-    decode = functools.partial(
-        ctx.model.tokenizer.decode, skip_special_tokens=request.params.skip_special_tokens
-    )
-    detok = IncrementalDetokenizer(decode, request.params.stop, request.prompt_token_ids)
-    timer = _TokenTimer(ctx.metrics, arrival)
-    try:
-        async for out in stream:
-            if timer.first and out.new_token_ids:
-                ctx.dispatcher.prefill_done(request.request_id)
-            timer.tick(len(out.new_token_ids))
-            event = _event(index, out, detok)
+class EventSource(Protocol):
+    """Batches of ``ChoiceEvent``s (one choice or several merged). ``next_batch()`` waits until
+    at least one event is ready and returns every event ready now, in order (never empty);
+    ``StopAsyncIteration`` once every choice has ended. An error is raised by the call after
+    the one that returned the events before it. ``aclose()`` (idempotent) closes the worker
+    streams, aborting what still runs."""
+
+    async def next_batch(self) -> list[ChoiceEvent]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ChoiceStream:
+    """One choice (an ``EventSource``): its worker outputs detokenized into events, a batch
+    of outputs at a time. The choice's last event has ``finish_reason`` set; outputs after it
+    are dropped. ``aclose()`` closes the worker stream, releases the request from the
+    dispatcher and records its E2E latency."""
+
+    def __init__(self, ctx: ServeContext, index: int, request: EngineRequest,
+                 stream: MigratingStream, arrival: float):  # fmt: skip
+        decode = ctx.decoders[request.params.skip_special_tokens]
+        self._detok = IncrementalDetokenizer(decode, request.params.stop, request.prompt_token_ids)
+        self._timer = _TokenTimer(ctx.metrics, arrival)
+        self._ctx, self._index, self._request_id = ctx, index, request.request_id
+        self._stream, self._arrival = stream, arrival
+        self._finished = self._closed = False
+        self._error: TokenmillError | None = None
+
+    async def next_batch(self) -> list[ChoiceEvent]:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._finished:
+                raise StopAsyncIteration
+            events = self._events(await self._stream.next_batch())
+            if events:
+                return events
+
+    def _events(self, outs: list[RequestOutput]) -> list[ChoiceEvent]:
+        num_tokens = sum(len(out.new_token_ids) for out in outs)
+        if num_tokens and self._timer.first:
+            self._ctx.dispatcher.prefill_done(self._request_id)
+        self._timer.tick(num_tokens)
+        events = []
+        for out in outs:
+            try:
+                event = _event(self._index, out, self._detok)
+            except TokenmillError as exc:  # raised by the next call, after these events
+                self._error = exc
+                break
             if event is not None:
-                yield event
+                events.append(event)
                 if event.finish_reason is not None:
-                    return
-    finally:
-        await stream.aclose()
-        ctx.dispatcher.finished(request.request_id)
-        ctx.metrics.e2e.observe(time.monotonic() - arrival)
+                    self._finished = True
+                    break
+        return events
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.aclose()
+        finally:
+            self._ctx.dispatcher.finished(self._request_id)
+            self._ctx.metrics.e2e.observe(time.monotonic() - self._arrival)
 
 
 def _event(index: int, out: RequestOutput, detok: IncrementalDetokenizer) -> ChoiceEvent | None:
@@ -149,7 +217,9 @@ def _finish_reason(out: RequestOutput) -> str:
 
 
 class _TokenTimer:
-    """TTFT on the first output with tokens, then inter-token latency per token."""
+    """TTFT for the first token, then inter-token latency per token: a batch of ``k`` tokens
+    that arrived ``gap`` seconds after the previous one counts ``k`` tokens of ``gap / k``
+    (the first batch's tokens after the first count as 0: they came with it)."""
 
     def __init__(self, metrics: FrontendMetrics, arrival: float):
         self.metrics, self.last, self.first = metrics, arrival, True
@@ -161,48 +231,73 @@ class _TokenTimer:
         if self.first:
             self.metrics.ttft.observe(now - self.last)
             self.first = False
+            if num_tokens > 1:
+                self.metrics.itl.observe(0.0, num_tokens - 1)
         else:
-            self.metrics.itl.observe((now - self.last) / num_tokens)
+            self.metrics.itl.observe((now - self.last) / num_tokens, num_tokens)
         self.last = now
+
+
+def merge(streams: list[ChoiceStream]) -> EventSource:
+    """The events of all choices as they come: one choice is its own source (no task)."""
+    return streams[0] if len(streams) == 1 else MergedStream(streams)
 
 
 _DONE = object()
 
 
-async def merge(streams: list[AsyncIterator[ChoiceEvent]]) -> AsyncIterator[ChoiceEvent]:
-    """Events of all streams as they come. One stream: iterated directly (no task)."""
-    if len(streams) == 1:
-        try:
-            async for event in streams[0]:
-                yield event
-        finally:
-            await streams[0].aclose()  # type: ignore[attr-defined]
-        return
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(s, queue)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
+class MergedStream:
+    """Several choices as one ``EventSource``: a task per choice moves its batches into a
+    queue; ``next_batch()`` returns every event queued (arrival order). The first error of
+    any choice is raised (once the events before it were returned) and ends the stream."""
+
+    def __init__(self, streams: list[ChoiceStream]):
+        self._streams = streams
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(s)) for s in streams]
+        self._remaining = len(streams)
+        self._error: BaseException | None = None
+
+    async def next_batch(self) -> list[ChoiceEvent]:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._remaining:
+                raise StopAsyncIteration
+            events = self._drain(await self._queue.get())
+            if events:
+                return events
+
+    def _drain(self, item: Any) -> list[ChoiceEvent]:
+        events: list[ChoiceEvent] = []
+        while True:
             if item is _DONE:
-                remaining -= 1
+                self._remaining -= 1
             elif isinstance(item, BaseException):
-                raise item
+                self._error = item
+                return events
             else:
-                yield item  # type: ignore[misc]
-    finally:
-        for task in tasks:
+                events.extend(item)
+            if self._queue.empty():
+                return events
+            item = self._queue.get_nowait()
+
+    async def _pump(self, stream: ChoiceStream) -> None:
+        try:
+            while True:
+                self._queue.put_nowait(await stream.next_batch())
+        except StopAsyncIteration:
+            pass
+        except Exception as e:  # handed to the consumer, which raises it
+            self._queue.put_nowait(e)
+        finally:
+            await stream.aclose()
+            self._queue.put_nowait(_DONE)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _pump(stream: AsyncIterator[ChoiceEvent], queue: asyncio.Queue[object]) -> None:
-    try:
-        async for event in stream:
-            queue.put_nowait(event)
-    except Exception as e:  # handed to the consumer, which raises it
-        queue.put_nowait(e)
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-        queue.put_nowait(_DONE)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stream in self._streams:  # a task cancelled before it started closed nothing
+            await stream.aclose()

@@ -4,7 +4,10 @@
 ASGI ``http.disconnect`` message) and turns that cancellation into ``ClientDisconnectedError``;
 a cancellation from elsewhere (server shutdown) passes through untouched.
 
-``SSEResponse`` streams an async iterator of ready-made SSE frames and always closes it
+``SSEResponse`` streams an async iterator of ready-made SSE frames, one ASGI body message
+(one socket write) per item: an item may hold several frames. The headers are sent when the
+first item is ready (right before it), and an item ending with ``SSE_DONE`` ends the body in
+the same message. It always closes the iterator
 (``aclose()``), whether it ended, the client left, or ``send`` failed, so the request's
 ``finally`` blocks (abort the engine requests) run at once rather than at garbage collection.
 """
@@ -20,6 +23,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.frontend.errors import HttpError
+
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 class ClientDisconnectedError(HttpError):
@@ -70,12 +75,17 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: dict[str, Any] = {"type": "http.response.start", "status": self.status_code,
                                  "headers": self.raw_headers}  # fmt: skip
+        more = True
         try:
-            await send(start)
             async with cancel_on_disconnect(receive):
-                async for frame in self.frames:
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                frames = await anext(self.frames, None)
+                await send(start)  # right before the first frames: the client wakes up once
+                while frames is not None:
+                    more = not frames.endswith(SSE_DONE)
+                    await send({"type": "http.response.body", "body": frames, "more_body": more})
+                    frames = await anext(self.frames, None)
+            if more:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (ClientDisconnectedError, OSError):
             pass  # the client is gone; closing the frames aborts its requests
         finally:

@@ -43,6 +43,9 @@ def _register_engine(sub) -> None:
     )
     p.add_argument("--decode-group-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both engines)")
+    p.add_argument("--random-prompts", action="store_true",
+                   help="random token ids of the trace's lengths (a random-weight model)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/engine.json", help="'' to not write")
     p.add_argument(
         "--only-single",
@@ -77,6 +80,8 @@ def run_engine(args: argparse.Namespace) -> int:
         full_dtypes=tuple(args.full_dtypes.split(",")) if args.full_dtypes else None,
         decode_group_size=args.decode_group_size,
         threads=args.threads,
+        device=args.device,
+        random_prompts=args.random_prompts,
         out=Path(args.out) if args.out else None,
         only_single=args.only_single,
     )

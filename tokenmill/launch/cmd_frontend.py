@@ -212,17 +212,20 @@ async def _serve_after_workers(args, url: str, start: float, note: str, check) -
 def spawn_worker(args: argparse.Namespace, url: str, index: int) -> subprocess.Popen[bytes]:
     """``python -m tokenmill worker`` with this command's engine options; SIGKILLed if this
     process dies."""
+    from tokenmill.launch.engine_args import setting_argv
     from tokenmill.runtime.nats_server import _die_with_parent
 
     argv = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "worker",
             "--nats", url, "--engine", args.engine, "--dtype", args.dtype,
             "--device", args.device, "--mocker-speedup", str(args.mocker_speedup),
             "--echo-delay", str(args.echo_delay),
+            "--stream-interval-ms", str(args.stream_interval_ms),
             "--drain-timeout", str(args.shutdown_timeout)]  # fmt: skip
     for flag, value in (("--model", args.model), ("--served-model-name", args.served_model_name),
                         ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
+    argv += setting_argv(args)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 

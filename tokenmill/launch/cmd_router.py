@@ -1,7 +1,9 @@
 """``tokenmill router --nats URL``: a standalone KV router replica. It rebuilds its index from
 the workers' KV events (dumps on start, replays on gaps), shares in-flight state with the
 other replicas and frontends, and serves ``<namespace>.router.route``; frontends started with
-``--remote-router`` ask it instead of routing themselves. Runs until SIGINT/SIGTERM."""
+``--remote-router`` ask it instead of routing themselves. Each model's blocks are hashed with
+the block size in its workers' model cards (``--block-size`` overrides). Runs until
+SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nats", required=True, help="NATS server URL")
     p.add_argument("--router-mode", choices=[m for m in ROUTER_MODES if m != "round-robin"],
                    default="kv")  # fmt: skip
-    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the workers' KV block size (default: from their model cards)")  # fmt: skip
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -43,8 +46,9 @@ async def _main(args: argparse.Namespace) -> int:
 
     async def make_policy(model: str):
         """The policy of one model's workers (its own KV event feed and replica sync)."""
-        policy, model_parts = await kv_policy_parts(args, runtime, ModelView(client, model),
-                                                    args.block_size)  # fmt: skip
+        view = ModelView(client, model)
+        block_size = args.block_size or card_block_size(view.instances())
+        policy, model_parts = await kv_policy_parts(args, runtime, view, block_size)
         parts.extend(model_parts)
         return policy
 
@@ -59,3 +63,13 @@ async def _main(args: argparse.Namespace) -> int:
             await part.stop()
         await runtime.shutdown()
     return 0
+
+
+def card_block_size(instances) -> int:
+    """The block size in the first model card among ``instances`` (the real engine's default
+    when none has a card)."""
+    from tokenmill.launch.engine_args import REAL_DEFAULTS
+    from tokenmill.launch.model_card import ModelCard
+
+    cards = (ModelCard.from_metadata(i.metadata) for i in instances)
+    return next((c.block_size for c in cards if c is not None), REAL_DEFAULTS.block_size)

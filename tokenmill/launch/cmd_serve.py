@@ -16,13 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.launch.engine_args import (
+    ENGINE_DEFAULTS,
+    MOCKER_DEFAULTS,
+    REAL_DEFAULTS,
+    add_engine_args,
+    engine_settings,
+)
 from tokenmill.router.router import ROUTER_MODES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 ENGINES = ("real", "mocker", "echo")
-BLOCK_SIZE = 16
-MOCKER_NUM_BLOCKS = 16384
 MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
 SHUTDOWN_BACKSTOP_S = 5.0  # after the drain: how long uvicorn waits before cancelling
 
@@ -46,19 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pinning", action="store_true",
                    help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
     p.set_defaults(func=run)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine options ``serve`` and ``worker`` share."""
-    p.add_argument(
-        "--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)"
-    )
-    p.add_argument("--served-model-name", default=None, help="the model name clients use")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--context-length", type=int, default=None, help="override the model's")
-    p.add_argument("--mocker-speedup", type=float, default=1.0, help="mocker time compression")
-    p.add_argument("--echo-delay", type=float, default=0.0, help="echo engine s per step")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +153,8 @@ def _route_policy(args: argparse.Namespace):
         return RoundRobinPolicy()
     from tokenmill.frontend.kv_policy import KvRouterPolicy
 
-    return KvRouterPolicy.create(args.router_mode)
+    block_size = engine_settings(args, ENGINE_DEFAULTS[args.engine]).block_size
+    return KvRouterPolicy.create(args.router_mode, block_size)
 
 
 # ---- engines: (engine, tokenizer, context length, model name) ---------------------------
@@ -173,32 +166,53 @@ def _real_engine(args: argparse.Namespace):
     from tokenmill.engine.llm import DEFAULT_KV_CACHE_MEMORY
     from tokenmill.engine.loader import load_model
 
+    settings = engine_settings(args, REAL_DEFAULTS)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     config, tokenizer = loaded.config, loaded.tokenizer
-    cache = CacheConfig.from_memory_budget(
-        DEFAULT_KV_CACHE_MEMORY, config, loaded.dtype.itemsize, BLOCK_SIZE
-    )
+    if settings.num_blocks is None:
+        cache = CacheConfig.from_memory_budget(
+            DEFAULT_KV_CACHE_MEMORY, config, loaded.dtype.itemsize, settings.block_size
+        )
+    else:
+        cache = CacheConfig(settings.block_size, settings.num_blocks)
     context = args.context_length or config.max_position_embeddings
     eos = tokenizer.eos_token_ids or config.eos_token_ids
     runner = ModelRunner(loaded.model, config, cache.num_blocks, cache.block_size,
                          loaded.dtype, loaded.device, eos_token_ids=eos)  # fmt: skip
-    engine = _async_engine(runner, cache, context, eos, config.vocab_size, _sink(args))
+    scheduler = scheduler_config(settings, context)
+    engine = _async_engine(runner, cache, scheduler, eos, config.vocab_size, _sink(args),
+                           _interval_s(args))
     return engine, tokenizer, engine.core.max_model_len, loaded.name
 
 
 def _mocker_engine(args: argparse.Namespace):
     from tokenmill.engine.config import CacheConfig
-    from tokenmill.engine.mocker import MockExecutor, TokenSource
+    from tokenmill.engine.mocker import MockExecutor, StepPacer, TokenSource
 
+    settings = engine_settings(args, MOCKER_DEFAULTS)
     tokenizer, context, name = read_tokenizer(args.model)
     context = args.context_length or max(context, MOCKER_MIN_CONTEXT)
-    cache = CacheConfig(BLOCK_SIZE, MOCKER_NUM_BLOCKS)
+    cache = CacheConfig(settings.block_size, settings.num_blocks)
     tokens = TokenSource(vocab_size=tokenizer.vocab_size)
     executor = MockExecutor(cache.num_blocks, cache.block_size, tokens=tokens,
-                            speedup_ratio=args.mocker_speedup)  # fmt: skip
+                            pacer=StepPacer(args.mocker_speedup))  # fmt: skip
     # The mocker's tokens are arbitrary ids: no EOS, so lengths follow max_tokens.
-    engine = _async_engine(executor, cache, context, (), tokenizer.vocab_size, _sink(args))
+    scheduler = scheduler_config(settings, context)
+    engine = _async_engine(executor, cache, scheduler, (), tokenizer.vocab_size, _sink(args),
+                           _interval_s(args))
     return engine, tokenizer, engine.core.max_model_len, name
+
+
+def scheduler_config(settings, context: int):
+    """The ``SchedulerConfig`` of ``settings`` (an ``EngineSettings``) for ``context``."""
+    from tokenmill.engine.config import SchedulerConfig
+
+    return SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=context,
+        watermark=settings.watermark,
+    )
 
 
 def _sink(args: argparse.Namespace):
@@ -208,19 +222,31 @@ def _sink(args: argparse.Namespace):
     return getattr(args, "event_sink", None) or null_sink
 
 
-def _async_engine(executor, cache, context: int, eos, vocab_size: int, event_sink=None):
+def _interval_s(args: argparse.Namespace) -> float:
+    """``--stream-interval-ms`` in seconds (``AsyncEngine.output_interval_s``)."""
+    from tokenmill.engine.async_engine import DEFAULT_OUTPUT_INTERVAL_S
+
+    ms = getattr(args, "stream_interval_ms", None)
+    return DEFAULT_OUTPUT_INTERVAL_S if ms is None else ms / 1000.0
+
+
+def _async_engine(executor, cache, config, eos, vocab_size: int, event_sink=None,
+                  output_interval_s: float | None = None):  # fmt: skip
     """AsyncEngine over ``executor`` whose outputs carry token ids only (``decode=None``): the
     frontend detokenizes and applies stop strings, so the engine thread does not do it too.
-    ``event_sink`` receives the block pool's KV events (from the engine thread)."""
+    ``config`` is the ``SchedulerConfig``; ``event_sink`` receives the block pool's KV events
+    (from the engine thread); ``output_interval_s``: ``AsyncEngine``'s (None: its default)."""
     from tokenmill.core.events import null_sink
     from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.engine.config import SchedulerConfig
     from tokenmill.engine.core import EngineCore
     from tokenmill.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(SchedulerConfig(max_model_len=context), cache, eos_token_ids=eos,
+    scheduler = Scheduler(config, cache, eos_token_ids=eos,
                           event_sink=event_sink or null_sink)  # fmt: skip
-    return AsyncEngine(EngineCore(scheduler, executor, vocab_size, decode=None))
+    core = EngineCore(scheduler, executor, vocab_size, decode=None)
+    if output_interval_s is None:
+        return AsyncEngine(core)
+    return AsyncEngine(core, output_interval_s=output_interval_s)
 
 
 def _echo_engine(args: argparse.Namespace):

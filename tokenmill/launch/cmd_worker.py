@@ -13,7 +13,8 @@ import argparse
 import asyncio
 import signal
 
-from tokenmill.launch.cmd_serve import ENGINES, add_engine_args
+from tokenmill.launch.cmd_serve import ENGINES
+from tokenmill.launch.engine_args import ENGINE_DEFAULTS, add_engine_args, engine_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +68,8 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"tokenmill worker: ready {worker.info.instance_id}", flush=True)
         await _wait_for_signal()
         aborted = await worker.stop(drain_timeout_s=args.drain_timeout)
-        print(f"tokenmill worker: stopped ({aborted} requests evicted)", flush=True)
+        print(f"tokenmill worker: stopped ({aborted} requests evicted){_pacing(args, engine)}",
+              flush=True)  # fmt: skip
     finally:
         from tokenmill.worker.protocol import maybe_await
 
@@ -76,10 +78,18 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pacing(args, engine) -> str:
+    """How many of a live mocker's steps ran late (", mocker pacing: ..."); "" otherwise."""
+    if args.engine != "mocker":
+        return ""
+    pacer = engine.core.executor.pacer
+    return (f", mocker pacing: {pacer.num_steps} steps, {pacer.num_late} late, "
+            f"{pacer.late_s:.3f} s late in total")  # fmt: skip
+
+
 async def start_worker(args, runtime, engine, tokenizer, context: int, name: str, kv=None):
     """Publishes the tokenizer blob and starts a ``Worker`` whose metadata is the card (plus
     ``kv_events``: whether ``kv``, its ``KvPublisher``, puts KV events on the wire)."""
-    from tokenmill.launch.cmd_serve import BLOCK_SIZE
     from tokenmill.launch.model_card import ModelCard, tokenizer_blob
     from tokenmill.worker.worker import Worker, WorkerConfig
 
@@ -91,7 +101,8 @@ async def start_worker(args, runtime, engine, tokenizer, context: int, name: str
     from tokenmill.worker.protocol import load_from_stats
 
     blocks = load_from_stats("", engine.stats()).num_total_blocks
-    card = ModelCard(model=name, context_length=context, block_size=BLOCK_SIZE,
+    block_size = engine_settings(args, ENGINE_DEFAULTS[args.engine]).block_size
+    card = ModelCard(model=name, context_length=context, block_size=block_size,
                      kv_blocks=blocks, tokenizer=digest)  # fmt: skip
     config = WorkerConfig(
         namespace=args.namespace,
@@ -115,9 +126,8 @@ async def _keep_blob(runtime, name: str, blob: bytes) -> None:
     while True:
         await asyncio.sleep(BLOB_CHECK_S)
         try:
-            await runtime.get_blob(name)
-        except KeyError:
-            await runtime.put_blob(name, blob)
+            if not await runtime.has_blob(name):  # metadata only: not the ~0.5 MB blob
+                await runtime.put_blob(name, blob)
         except Exception:  # NATS down right now: the next round retries
             pass
 

@@ -99,8 +99,8 @@ Handler = Callable[[Any, RequestContext], AsyncIterator[Any]]
 
 
 class ResponseStream(ABC):
-    """An open call: iterate it for responses; ``aclose()`` cancels the handler. Idempotent
-    close; safe to close after the stream ended."""
+    """An open call: iterate it (or call ``next_batch()``) for responses; ``aclose()`` cancels
+    the handler. Idempotent close; safe to close after the stream ended."""
 
     request_id: str
     instance_id: str
@@ -110,6 +110,16 @@ class ResponseStream(ABC):
 
     @abstractmethod
     async def __anext__(self) -> Any: ...
+
+    async def next_batch(self) -> list[Any]:
+        """Waits until at least one item is ready and returns every item ready now, in order
+        (never an empty list). ``StopAsyncIteration`` once the stream ended and nothing is
+        left. When the stream fails, the items that arrived before the failure are returned
+        first and the next call raises the error. Mixing it with ``__anext__`` on one stream
+        is allowed. This default returns one item per call: right for a transport that
+        buffers nothing (in-process, the handler runs on demand); networked streams return
+        their whole buffer."""
+        return [await self.__anext__()]
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -53,7 +53,10 @@ class KvReplayChunk(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RouteEvent(msgspec.Struct, frozen=True, kw_only=True):
-    kind: Literal["added", "prefill_done", "freed"]
+    """One in-flight change of a router replica; ``hello`` announces the replica itself
+    (a heartbeat, and the answer to a replica heard for the first time)."""
+
+    kind: Literal["added", "prefill_done", "freed", "hello"]
     replica_id: str
     request_id: str
     instance_id: str = ""

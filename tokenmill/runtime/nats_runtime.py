@@ -308,6 +308,18 @@ class NatsRuntime(Runtime):
         except (NotFoundError, ObjectNotFoundError) as exc:
             raise KeyError(name) from exc
 
+    async def has_blob(self, name: str) -> bool:
+        """Whether the object store holds ``name``. Reads only the object's metadata (one
+        message), not its data: the cheap check for a periodic "is it still there?"."""
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        store = await self._blob_store()
+        try:
+            await store.get_info(name)
+        except (NotFoundError, ObjectNotFoundError):
+            return False
+        return True
+
     async def _blob_store(self) -> Any:
         from nats.js.api import ObjectStoreConfig
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -64,23 +65,30 @@ def error_from_chunk(chunk: StreamChunk) -> Exception:
 
 
 class RemoteStream(ResponseStream):
-    """Client end of one call. The opener sends the request (awaited on the first
-    ``__anext__``, so it may wait for discovery); the canceller, bound by the plane, stops the
-    remote handler and forgets the stream (called at most once, synchronously, so it also
-    works from the consumer's cancellation path)."""
+    """Client end of one call. The opener sends the request (awaited on the first read, so it
+    may wait for discovery); the canceller, bound by the plane, stops the remote handler and
+    forgets the stream (called at most once, synchronously, so it also works from the
+    consumer's cancellation path).
+
+    The plane appends to one buffer (chunks, keepalives, failures); ``__anext__`` takes one
+    item from it, ``next_batch`` every item there (one wake-up of the consumer for a burst of
+    chunks). A chunk is decoded only when it is taken. Whatever ends the stream (the final
+    chunk, an error chunk, a failure, a sequence gap, a timeout) is raised by the read after
+    the one that returned the items before it."""
 
     def __init__(self, request_id: str, instance_id: str, *, decode: Callable[[bytes], Any],
                  inactivity_timeout_s: float, deadline: float | None):
         self.request_id, self.instance_id = request_id, instance_id
         self._decode, self._inactivity_s, self._deadline = decode, inactivity_timeout_s, deadline
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._buffer: deque[Any] = deque()
+        self._waiter: asyncio.Future[bool] | None = None
         self._next_seq = 0
-        self._done = False
+        self._end: BaseException | type[StopAsyncIteration] | None = None  # raised next
         self._opener: Callable[[], Awaitable[None]] | None = None
         self._canceller: Canceller | None = None
 
     def set_opener(self, opener: Callable[[], Awaitable[None]]) -> None:
-        """``opener`` sends the request on the first ``__anext__`` (it may await discovery)."""
+        """``opener`` sends the request on the first read (it may await discovery)."""
         self._opener = opener
 
     def bind_canceller(self, canceller: Canceller) -> None:
@@ -89,71 +97,119 @@ class RemoteStream(ResponseStream):
 
     # -- fed by the plane ---------------------------------------------------------------
     def deliver(self, chunk: StreamChunk) -> None:
-        self._queue.put_nowait(chunk)
+        self._put(chunk)
 
     def keepalive(self) -> None:
-        self._queue.put_nowait(_KEEPALIVE)
+        self._put(_KEEPALIVE)
 
     def fail(self, exc: BaseException) -> None:
-        self._queue.put_nowait(exc)
+        self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        self._buffer.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     # -- consumer side ------------------------------------------------------------------
     async def __anext__(self) -> Any:
-        if self._done:
-            raise StopAsyncIteration
+        return (await self._read(1))[0]
+
+    async def next_batch(self) -> list[Any]:
+        return await self._read(None)
+
+    async def _read(self, limit: int | None) -> list[Any]:
         try:
             if self._opener is not None:
-                opener, self._opener = self._opener, None
-                await opener()
-            return await self._next_item()
+                await self._open()
+            while True:
+                if self._end is not None:
+                    self._raise_end()
+                if self._buffer:
+                    items = self._take(limit)
+                    if items:
+                        return items
+                else:
+                    await self._wait()
         except asyncio.CancelledError:
             self._finish(cancel_remote=True)
             raise
 
-    async def _next_item(self) -> Any:
-        while True:
-            item = await self._get()
+    async def _open(self) -> None:
+        opener, self._opener = self._opener, None
+        assert opener is not None
+        try:
+            await opener()
+        except Exception:
+            self._finish(cancel_remote=False)
+            raise
+
+    def _raise_end(self) -> None:
+        end, self._end = self._end, StopAsyncIteration
+        raise end  # type: ignore[misc]
+
+    async def _wait(self) -> None:
+        """Until the plane puts something in the buffer, or a timeout puts its error there."""
+        timeout, error = self._inactivity_s, None
+        if self._deadline is not None and self._deadline - time.monotonic() <= timeout:
+            timeout = max(self._deadline - time.monotonic(), 0.0)
+            error = DeadlineExceededError(f"request {self.request_id} passed its deadline")
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _time_out, waiter)
+        try:
+            timed_out = await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if timed_out and not self._buffer:
+            self._buffer.append(error or InstanceFailedError(
+                f"instance {self.instance_id}: no response to {self.request_id} for "
+                f"{self._inactivity_s} s"))
+
+    def _take(self, limit: int | None) -> list[Any]:
+        """Decodes buffered chunks (up to ``limit``) until the buffer is empty or the stream
+        ends; an end is kept in ``_end`` for the next read."""
+        items: list[Any] = []
+        buffer = self._buffer
+        while buffer and (limit is None or len(items) < limit):
+            item = buffer.popleft()
             if item is _KEEPALIVE:
                 continue
-            if isinstance(item, BaseException):
-                self._finish(cancel_remote=True)
-                raise item
-            return self._accept(item)
-
-    async def _get(self) -> Any:
-        if not self._queue.empty() and (self._deadline is None
-                                        or time.monotonic() < self._deadline):
-            return self._queue.get_nowait()  # fast path: no timer for a queued item
-        timeout, is_deadline = self._inactivity_s, False
-        if self._deadline is not None and self._deadline - time.monotonic() <= timeout:
-            timeout, is_deadline = max(self._deadline - time.monotonic(), 0.0), True
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._queue.get()
-        except TimeoutError:
-            if is_deadline:
-                return DeadlineExceededError(f"request {self.request_id} passed its deadline")
-            return InstanceFailedError(f"instance {self.instance_id}: no response to "
-                                       f"{self.request_id} for {self._inactivity_s} s")
+            try:
+                if isinstance(item, BaseException):
+                    raise item
+                value = self._accept(item)
+            except StopAsyncIteration:
+                self._end_with(StopAsyncIteration, cancel_remote=False)
+                break
+            except Exception as exc:
+                self._end_with(exc, cancel_remote=not isinstance(exc, _RemoteEnd))
+                break
+            items.append(value)
+        return items
 
     def _accept(self, chunk: StreamChunk) -> Any:
         check_version(chunk.version)
         if chunk.seq != self._next_seq:
-            self._finish(cancel_remote=True)
             raise InstanceFailedError(f"instance {self.instance_id}: chunk {chunk.seq} of "
                                       f"{self.request_id}, expected {self._next_seq}")
         self._next_seq += 1
         if chunk.final:
-            self._finish(cancel_remote=False)
             if chunk.error is not None:
-                raise error_from_chunk(chunk)
+                raise _RemoteEnd(error_from_chunk(chunk))
             raise StopAsyncIteration
         return self._decode(chunk.payload)
 
+    def _end_with(self, end: BaseException | type[StopAsyncIteration], cancel_remote: bool) -> None:
+        if isinstance(end, _RemoteEnd):
+            end = end.error
+        self._finish(cancel_remote)
+        self._end = end
+
     def _finish(self, cancel_remote: bool) -> None:
-        if self._done:
-            return
-        self._done = True
+        if self._end is None:
+            self._end = StopAsyncIteration
         self._opener = None
         if self._canceller is not None:
             canceller, self._canceller = self._canceller, None
@@ -164,6 +220,19 @@ class RemoteStream(ResponseStream):
 
     async def aclose(self) -> None:
         self._finish(cancel_remote=self._opener is None)
+
+
+class _RemoteEnd(Exception):
+    """The handler's error, as its final chunk carried it (the remote side already ended)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _time_out(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
 
 
 class Canceller:

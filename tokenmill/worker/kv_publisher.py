@@ -1,11 +1,12 @@
 """A worker's KV events on the wire: numbered, published, replayable, dumpable.
 
-The engine's block pool calls ``sink(data)`` (any thread: the engine loop runs in its own).
+The engine's block pool calls ``sink(data)`` (any thread: the engine loop runs in its own;
+events wait in an inbox and one event-loop wake-up takes every event there).
 ``KvPublisher`` numbers each event on the event loop (ids 0, 1, 2... per ``epoch``; a new
 epoch, random per publisher, means the worker restarted), applies it to a local index (the
 blocks cached now, per tier, with parent and local hash) and a ring buffer of the last
-``ring_size`` events, and publishes ``KvEventBatch``es on topic ``kv`` (one per loop
-iteration's worth of events).
+``ring_size`` events, and publishes ``KvEventBatch``es on topic ``kv`` (one per
+``flush_interval_s`` while events keep coming).
 
 ``replay(from_event_id)`` is the handler of the worker's ``kv_replay`` endpoint: the events
 from ``from_event_id`` when the ring buffer still holds them, otherwise (or for ``None``) a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,8 +46,13 @@ _EVENT_WIRE_BYTES = 96  # upper bound of a KvEvent without its blocks (ids, tag,
 
 @dataclass(frozen=True)
 class KvPublisherConfig:
+    """``flush_interval_s``: events recorded within this long of the first unpublished one go
+    out in the same batch (one NATS message, not one per engine step; 0: end of iteration).
+    It bounds how stale the routers' view can be, so keep it well under a prefill's time."""
+
     ring_size: int = 4096
     max_chunk_bytes: int = 512 * 1024  # NATS default max_payload is 1 MiB
+    flush_interval_s: float = 0.01
 
 
 class KvPublisher:
@@ -59,6 +66,9 @@ class KvPublisher:
         self.ring: collections.deque[KvEvent] = collections.deque(maxlen=self.config.ring_size)
         self.blocks: dict[Tier, dict[int, tuple[int | None, int]]] = {}  # hash -> parent, local
         self._pending: list[KvEvent] = []
+        self._inbox: list[KvEventData] = []  # from the engine thread, not yet numbered
+        self._inbox_lock = threading.Lock()
+        self._inbox_posted = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.num_published = 0
@@ -69,23 +79,36 @@ class KvPublisher:
         self._loop = asyncio.get_running_loop()
 
     def sink(self, data: KvEventData) -> None:
-        """The engine's ``event_sink``: thread-safe, never blocks."""
+        """The engine's ``event_sink``: thread-safe, never blocks. Events wait in an inbox;
+        the event loop is woken only when the inbox was empty (one wake-up per burst)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        with self._inbox_lock:
+            self._inbox.append(data)
+            if self._inbox_posted:
+                return
+            self._inbox_posted = True
         try:
-            loop.call_soon_threadsafe(self.record, data, Tier.DEVICE)
+            loop.call_soon_threadsafe(self._drain_inbox)
         except RuntimeError:  # the loop closed meanwhile
             pass
 
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+            self._inbox_posted = False
+        for data in inbox:
+            self.record(data, Tier.DEVICE)
+
     def record(self, data: KvEventData, tier: Tier = Tier.DEVICE) -> KvEvent:
-        """Numbers ``data`` and applies it locally; published at the end of this iteration."""
+        """Numbers ``data`` and applies it locally; published with the batch it joins."""
         event = KvEvent(self.next_event_id, 0, data, tier)
         self.next_event_id += 1
         self.ring.append(event)
         self._apply(event)
         if not self._pending and self._loop is not None:
-            self._loop.call_soon(self._flush)
+            self._loop.call_later(self.config.flush_interval_s, self._flush)
         self._pending.append(event)
         return event
 

@@ -49,6 +49,10 @@ class Executor(abc.ABC):
     def on_thread_start(self) -> None:  # noqa: B027 - optional hook
         """Called once in the engine loop's thread before its first step (torch threads)."""
 
+    def on_wake(self) -> None:  # noqa: B027 - optional hook
+        """Called in the engine loop's thread when it resumes after waiting for work (the
+        engine was idle), before the step that follows (the mocker's pacing uses it)."""
+
     def release(self, request_ids: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """Forget per-request state of finished requests (no-op by default)."""
 

@@ -21,7 +21,11 @@ was loaded, so ±40%): fp32 groups of 4 15-24 ms, groups of 8 25-33 ms, per sequ
 ms, all 32 at once 24-38 ms (a small group's gathered K/V stays in cache between the gather
 and the SDPA that reads it); bf16 groups of 4-8 ~25 ms vs 74 ms per sequence. Groups of 8
 are the default (what the recorded benchmark ran); 4 looks better for fp32 and is worth
-re-measuring on a quiet machine. ``batched_decode=False`` keeps the per-sequence path. The same code runs on CUDA (untested here: no GPU).
+re-measuring on a quiet machine. ``batched_decode=False`` keeps the per-sequence path.
+
+On CUDA the same code runs; ``prepare`` builds every index tensor (slots, decode gathers,
+padding masks) on the CPU and copies each to the device once, instead of launching a small
+device kernel per sequence.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class SeqSlice:
     q_start: int
     q_len: int
     ctx_len: int
-    slots: Tensor  # [ctx_len] long
+    slots: Tensor  # [ctx_len] long; on the device when attention gathers them, else the CPU
 
 
 @dataclass
@@ -103,26 +107,32 @@ class PagedAttention:
         slices, slot_rows, q_start = [], [], 0
         for num_computed, q_len, table in seqs:
             ctx_len = num_computed + q_len
-            slots = self._slots(table, ctx_len)  # [ctx_len]
+            slots = self._slots(table, ctx_len)  # [ctx_len] on the CPU
             slices.append(SeqSlice(q_start, q_len, ctx_len, slots))
             slot_rows.append(slots[num_computed:])
             q_start += q_len
+        slot_mapping = torch.cat(slot_rows) if slot_rows else torch.empty(0, dtype=torch.long)
         decodes = [s for s in slices if s.q_len == 1]
+        decode = self._decode_groups(decodes) if self.batched_decode else []
+        for s in slices:  # only the slices that gather from the cache need their slots there
+            needs_gather = s.ctx_len > s.q_len and (s.q_len > 1 or not self.batched_decode)
+            s.slots = s.slots.to(self.device) if needs_gather else s.slots
         layout = ForwardLayout(
-            slot_mapping=torch.cat(slot_rows) if slot_rows else torch.empty(0, dtype=torch.long),
+            slot_mapping=slot_mapping.to(self.device),
             prefills=[s for s in slices if s.q_len > 1],
-            decode=self._decode_groups(decodes) if self.batched_decode else [],
+            decode=decode,
             decode_seqs=decodes,
         )
         layout.pure_decode = _is_pure_decode(layout, q_start)
         self._layout = layout
 
     def _slots(self, table: list[int], ctx_len: int) -> Tensor:
+        """[ctx_len] slot ids on the CPU."""
         bs = self.block_size
         num = (ctx_len + bs - 1) // bs
         blocks = torch.tensor(table[:num], dtype=torch.long)  # [num]
         slots = (blocks.unsqueeze(1) * bs + torch.arange(bs)).reshape(-1)  # [num * bs]
-        return slots[:ctx_len].to(self.device)
+        return slots[:ctx_len]
 
     def _decode_groups(self, decodes: list[SeqSlice]) -> list[DecodeBatch]:
         """Groups of ``decode_group_size`` rows: small enough that a group's gathered K/V stays
@@ -131,20 +141,21 @@ class PagedAttention:
         return [self._decode_batch(decodes[i : i + n]) for i in range(0, len(decodes), n)]
 
     def _decode_batch(self, decodes: list[SeqSlice]) -> DecodeBatch:
+        """Built on the CPU from the rows' CPU slots, then copied to the device."""
         max_len = max(s.ctx_len for s in decodes)
-        gather = torch.zeros((len(decodes), max_len), dtype=torch.long, device=self.device)
-        lens = torch.tensor([s.ctx_len for s in decodes], device=self.device)  # [B]
+        gather = torch.zeros((len(decodes), max_len), dtype=torch.long)  # [B, L]
         for i, s in enumerate(decodes):
             gather[i, : s.ctx_len] = s.slots
         mask = None
         if any(s.ctx_len != max_len for s in decodes):
-            mask = torch.arange(max_len, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-            mask = mask[:, None, None, :]  # [B, 1, 1, L]
+            lens = torch.tensor([s.ctx_len for s in decodes])  # [B]
+            mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+            mask = mask[:, None, None, :].to(self.device)  # [B, 1, 1, L]
         starts = [s.q_start for s in decodes]
         rows: slice | Tensor = slice(starts[0], starts[0] + len(starts))
         if starts != list(range(starts[0], starts[0] + len(starts))):
             rows = torch.tensor(starts, dtype=torch.long, device=self.device)
-        return DecodeBatch(rows, gather, mask)
+        return DecodeBatch(rows, gather.to(self.device), mask)
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         layout = self._layout

@@ -1,0 +1,21 @@
+"""``needs_tokenizer``: which requests the app hands to its tokenizer thread pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.frontend.preprocess import needs_tokenizer
+from tokenmill.frontend.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("hello", True), (["a", "b"], True), ([1, 2, 3], False), ([[1], [2, 3]], False)],
+)
+def test_only_text_prompts_need_the_tokenizer(prompt, expected):
+    assert needs_tokenizer(CompletionRequest(model="m", prompt=prompt)) is expected
+
+
+def test_chat_needs_the_tokenizer():
+    req = ChatCompletionRequest(model="m", messages=[])
+    assert needs_tokenizer(req) is True
