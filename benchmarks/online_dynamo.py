@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
     p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"],
-                   choices=["dynamo", "tokenmill", "tokenmill-interval0"])  # fmt: skip
+                   choices=["dynamo", "tokenmill", "tokenmill-interval0",
+                            "tokenmill-speedup5"])  # fmt: skip
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
@@ -165,7 +166,12 @@ def main() -> int:
     runners = {"dynamo": run_dynamo, "tokenmill": run_tokenmill,
                # every step's outputs sent at once (no 1 ms output coalescing in the workers)
                "tokenmill-interval0": lambda a, out: run_tokenmill(
-                   a, out, ("--stream-interval-ms", "0"))}  # fmt: skip
+                   a, out, ("--stream-interval-ms", "0")),
+               # mocker at speedup 5: decode steps ~1.1 ms of wall time each, so tokens are
+               # spread over the stream as Dynamo's mocker spreads them (its steps measured
+               # ~1.3 ms at c=32: E2E - TTFT over 31 gaps), instead of arriving in one burst
+               "tokenmill-speedup5": lambda a, out: run_tokenmill(
+                   a, out, ("--mocker-speedup", "5"))}  # fmt: skip
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
         for stack in a.stacks if r % 2 == 0 else list(reversed(a.stacks)):

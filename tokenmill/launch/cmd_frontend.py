@@ -19,6 +19,7 @@ import sys
 import time
 
 from tokenmill.launch.cmd_worker import add_runtime_args
+from tokenmill.launch.gc_tuning import freeze_startup_heap
 
 DEFAULT_COMPONENT = "backend"
 WORKER_WAIT_S = 300.0
@@ -62,6 +63,7 @@ async def serve_frontend(args: argparse.Namespace, nats_url: str, start: float,
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
+        freeze_startup_heap()
         print(f"tokenmill: serving {stack.model.name!r} at http://{args.host}:{args.port}/v1 "
               f"(started in {time.monotonic() - start:.2f} s{note})", flush=True)  # fmt: skip
     try:

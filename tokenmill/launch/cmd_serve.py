@@ -23,6 +23,7 @@ from tokenmill.launch.engine_args import (
     add_engine_args,
     engine_settings,
 )
+from tokenmill.launch.gc_tuning import freeze_startup_heap
 from tokenmill.router.router import ROUTER_MODES
 
 DEFAULT_HOST = "127.0.0.1"
@@ -74,6 +75,7 @@ async def _serve(args: argparse.Namespace, start: float) -> int:
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
+        freeze_startup_heap()
         url = f"http://{args.host}:{args.port}/v1"
         print(f"tokenmill: serving {stack.model.name!r} at {url} "
               f"(started in {time.monotonic() - start:.2f} s)", flush=True)  # fmt: skip

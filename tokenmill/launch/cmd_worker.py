@@ -15,6 +15,7 @@ import signal
 
 from tokenmill.launch.cmd_serve import ENGINES
 from tokenmill.launch.engine_args import ENGINE_DEFAULTS, add_engine_args, engine_settings
+from tokenmill.launch.gc_tuning import freeze_startup_heap
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +66,7 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         kv = publisher if args.event_sink is not None else None
         worker = await start_worker(args, runtime, engine, tokenizer, context, name, kv)
+        freeze_startup_heap()
         print(f"tokenmill worker: ready {worker.info.instance_id}", flush=True)
         await _wait_for_signal()
         aborted = await worker.stop(drain_timeout_s=args.drain_timeout)
