@@ -37,8 +37,10 @@ async def test_worker_router_frontend_processes_serve_with_kv_routing(nats_serve
         body = {"model": "tiny", "prompt": "a long shared system prompt " * 60, "max_tokens": 4}
         async with httpx.AsyncClient(timeout=60.0) as client:
             models = await _models_when(client, url, lambda ids: len(ids) == 2)
-            usages = [(await client.post(url + "/completions", json=body)).json()["usage"]
-                      for _ in range(4)]  # fmt: skip
+            usages = []
+            for _ in range(4):
+                usages.append((await client.post(url + "/completions", json=body)).json()["usage"])
+                await asyncio.sleep(0.1)  # KV events reach the router in 10 ms batches
             r = await client.post(url + "/completions", json={**body, "model": "other"})
             assert r.status_code == 200 and r.json()["model"] == "other"
             os.kill(other.proc.pid, signal.SIGKILL)

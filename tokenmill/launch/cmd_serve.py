@@ -232,12 +232,12 @@ def _interval_s(args: argparse.Namespace) -> float:
     return DEFAULT_OUTPUT_INTERVAL_S if ms is None else ms / 1000.0
 
 
-def _async_engine(executor, cache, config, eos, vocab_size: int, event_sink=None,
-                  output_interval_s: float | None = None):  # fmt: skip
+def _async_engine(executor, cache, config, eos, vocab_size: int, event_sink,
+                  output_interval_s: float):  # fmt: skip
     """AsyncEngine over ``executor`` whose outputs carry token ids only (``decode=None``): the
     frontend detokenizes and applies stop strings, so the engine thread does not do it too.
     ``config`` is the ``SchedulerConfig``; ``event_sink`` receives the block pool's KV events
-    (from the engine thread); ``output_interval_s``: ``AsyncEngine``'s (None: its default)."""
+    (from the engine thread); ``output_interval_s``: ``AsyncEngine``'s (``_interval_s``)."""
     from tokenmill.core.events import null_sink
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.engine.core import EngineCore
@@ -246,8 +246,6 @@ def _async_engine(executor, cache, config, eos, vocab_size: int, event_sink=None
     scheduler = Scheduler(config, cache, eos_token_ids=eos,
                           event_sink=event_sink or null_sink)  # fmt: skip
     core = EngineCore(scheduler, executor, vocab_size, decode=None)
-    if output_interval_s is None:
-        return AsyncEngine(core)
     return AsyncEngine(core, output_interval_s=output_interval_s)
 
 
