@@ -21,7 +21,8 @@ per (stack, concurrency); prints one line per run. Stops every process it starts
 usage: python benchmarks/online_dynamo.py [--runs 5] [--requests 2000] [--concurrency 32 128]
            [--stacks dynamo tokenmill [tokenmill-interval0]]
            [--out benchmarks/results/dynamo_side_by_side.json]
-``tokenmill-interval0`` is tokenmill with ``--stream-interval-ms 0``: the workers send every
+``tokenmill-uvloop`` is tokenmill with its frontend on uvloop (``--event-loop uvloop``; the
+default is asyncio's loop). ``tokenmill-interval0`` is tokenmill with ``--stream-interval-ms 0``: the workers send every
 engine step's outputs at once instead of coalescing those that follow within 1 ms.
 Needs root (online.sh uses ``unshare -n``) and runs ``setup.sh`` first (PyPI, ~45 s once).
 """
@@ -57,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
     p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"],
                    choices=["dynamo", "tokenmill", "tokenmill-interval0",
-                            "tokenmill-speedup5"])  # fmt: skip
+                            "tokenmill-speedup5", "tokenmill-uvloop"])  # fmt: skip
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
@@ -171,7 +172,10 @@ def main() -> int:
                # spread over the stream as Dynamo's mocker spreads them (its steps measured
                # ~1.3 ms at c=32: E2E - TTFT over 31 gaps), instead of arriving in one burst
                "tokenmill-speedup5": lambda a, out: run_tokenmill(
-                   a, out, ("--mocker-speedup", "5"))}  # fmt: skip
+                   a, out, ("--mocker-speedup", "5")),
+               # the frontend on uvloop, the default before this was measured
+               "tokenmill-uvloop": lambda a, out: run_tokenmill(
+                   a, out, ("--event-loop", "uvloop"))}  # fmt: skip
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
         for stack in a.stacks if r % 2 == 0 else list(reversed(a.stacks)):

@@ -18,6 +18,13 @@ and the p99 of a few hundred requests is a handful of them). The JSON has both s
 each metric's relative difference and verdict, and the host's load average during each
 online run (the machine is shared).
 
+Where an online-replay gap comes from: each online summary has ``server_ms``, the means of the
+frontend's own TTFT, queue-time and router-overhead histograms over the run (scraped from
+/metrics before and after), so client TTFT - server TTFT is the HTTP path between the client
+and the frontend; and each mode has ``per_request``: request i online against request i in
+replay (both sides save per-request records), the TTFT difference's distribution, overall and
+split by whether both saw the same number of cached tokens (routing went the same way).
+
 Contract: adds one entry per (window, speed) under ``runs`` of ``--out`` (default
 benchmarks/results/routing_online.json, other entries kept; an entry measured with other
 engine settings is replaced, not merged); stops every process it starts.
@@ -35,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +59,12 @@ TOLERANCE = {"output_tokens_per_s": 0.10, "ttft_mean": 0.25, "ttft_p50": 0.25, "
 LOAD_SAMPLE_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PACING = re.compile(r"mocker pacing: (\d+) steps, (\d+) late, ([\d.]+) s late")
+# Server-side histograms scraped before and after each online run (their means in ms).
+SERVER_HISTOGRAMS = {
+    "ttft": "tokenmill_time_to_first_token_seconds",
+    "queue_time": "tokenmill_queue_time_seconds",
+    "router_overhead": "tokenmill_router_overhead_seconds",
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,6 +136,54 @@ def pacing(log: str) -> dict:
             "late_s": round(late_s, 2)}  # fmt: skip
 
 
+def scrape(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each ``SERVER_HISTOGRAMS`` entry from the frontend's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.endswith(("_sum", "_count")):
+            values[name] = float(value)
+    return {
+        key: (values.get(f"{metric}_sum", 0.0), values.get(f"{metric}_count", 0.0))
+        for key, metric in SERVER_HISTOGRAMS.items()
+    }
+
+
+def server_means_ms(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean of each histogram over the run, ms (None when it saw nothing)."""
+    means = {}
+    for key in SERVER_HISTOGRAMS:
+        total, count = (y - x for x, y in zip(before[key], after[key], strict=True))
+        means[f"{key}_mean"] = round(total / count * 1e3, 2) if count else None
+    return means
+
+
+def quantiles(x: list[float]) -> dict[str, float | None]:
+    if not x:
+        return {"n": 0}
+    x = sorted(x)
+    at = lambda q: round(x[min(len(x) - 1, int(q * len(x)))], 2)  # noqa: E731
+    return {"n": len(x), "mean": round(sum(x) / len(x), 2), "p10": at(0.1), "p50": at(0.5),
+            "p90": at(0.9), "p99": at(0.99)}  # fmt: skip
+
+
+def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dict:
+    """Request i online (its ``index`` in the trace window) against replay's ``req-<i>``: the
+    TTFT difference (ms), overall and split by whether both saw the same cached-token count."""
+    replay = {r["request_id"]: r for r in replay_requests}
+    same, differ = [], []
+    for on in online_requests:
+        off = replay[f"req-{on['index']}"]
+        if on["error"] or on["first_token_s"] is None or off["first_token_ms"] < 0:
+            continue
+        diff = (on["first_token_s"] - on["send_s"]) * 1e3 - (off["first_token_ms"] - off["arrival_ms"])
+        (same if on["num_cached_tokens"] == off["num_cached_tokens"] else differ).append(diff)
+    return {"ttft_diff_ms": quantiles(same + differ), "same_cached": quantiles(same),
+            "other_cached": quantiles(differ)}  # fmt: skip
+
+
 def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
     """One serve + bench serve run; returns the bench summary (+ ``host``: the load average,
     the server's CPU cores in use, and the workers' pacing report)."""
@@ -137,13 +199,15 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
         bench = tm("bench", "serve", "--url", f"http://127.0.0.1:{port}", "--model", MODEL,
                    "--trace", a.trace, "--format", "mooncake", "--speed", str(a.speed),
                    "--window", f"0:{a.window:g}", "--output-dir", str(out), "--no-plots",
-                   "--progress", "off")  # fmt: skip
+                   "--progress", "off", "--save-requests")  # fmt: skip
+        before = scrape(port)
         cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
         with LoadSampler() as load:
             code = subprocess.run(bench, cwd=REPO, stdout=subprocess.DEVNULL).returncode
         if code not in (0, 1):  # 1: some requests failed; the summary counts them
             raise RuntimeError(f"tokenmill bench serve exited with {code}")
         cores = (tree_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
+        server = server_means_ms(before, scrape(port))
     finally:
         proc.terminate()
         try:
@@ -153,15 +217,17 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
             proc.wait()
     host = {"loadavg": load.summary(), "server_cores": round(cores, 2),
             "pacing": pacing((out / "serve.log").read_text(errors="replace"))}  # fmt: skip
-    return {**json.loads((out / "results.json").read_text())["summary"], "host": host}
+    results = json.loads((out / "results.json").read_text())
+    return {**results["summary"], "host": host, "server_ms": server}, results["requests"]
 
 
 def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> dict:
     cmd = tm("replay", "--trace", a.trace, "--workers", str(a.workers), "--router-mode", mode,
              "--arrival-speed", str(a.speed), "--max-requests", str(n),
-             "--output", str(out))  # fmt: skip
+             "--output", str(out), "--save-requests")  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    return report, report.pop("requests")
 
 
 def pick(summary: dict, name: str):
@@ -199,9 +265,10 @@ def main() -> int:
     run.update({"window_s": a.window, "speed": a.speed, "requests": n, "workers": a.workers,
                 "engine": engine, "tolerance": TOLERANCE})  # fmt: skip
     for mode in a.modes:
-        on = online(a, mode, work / f"online_{mode}")
-        off = offline(a, mode, n, work / f"replay_{mode}.json")
-        run["modes"][mode] = {"online": on, "replay": off, "compare": compare(on, off)}
+        on, on_requests = online(a, mode, work / f"online_{mode}")
+        off, off_requests = offline(a, mode, n, work / f"replay_{mode}.json")
+        run["modes"][mode] = {"online": on, "replay": off, "compare": compare(on, off),
+                              "per_request": per_request(on_requests, off_requests)}  # fmt: skip
         print(json.dumps({"mode": mode, **run["modes"][mode]["compare"]}), flush=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

@@ -126,12 +126,21 @@ def test_cli_writes_report(tmp_path):
             "8",
             "--output",
             str(out),
+            "--save-requests",
         ]
     )
     assert code == 0
     rep = json.loads(out.read_text())
     assert rep["completed"] == 30 and set(rep["ttft"]) == {"mean", "p50", "p90", "p99"}
     assert rep["config"]["router_mode"] == "dynamo"
+    # --save-requests: one record per request, whose TTFTs give the report's mean
+    records = rep["requests"]
+    assert len(records) == 30 and {r["worker"] for r in records} <= {0, 1}
+    ttfts = [r["first_token_ms"] - r["arrival_ms"] for r in records]
+    assert min(ttfts) > 0
+    assert sum(ttfts) / len(ttfts) == pytest.approx(rep["ttft"]["mean"], abs=0.01)
+    assert all(r["num_output_tokens"] > 0 and r["finish_ms"] >= r["first_token_ms"]
+               for r in records)  # fmt: skip
 
 
 def test_scaled_copies_disjoint_ids_and_shift():

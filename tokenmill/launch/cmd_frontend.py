@@ -18,7 +18,10 @@ import subprocess
 import sys
 import time
 
+from tokenmill.launch import event_loop
+from tokenmill.launch.cmd_serve import KEEP_ALIVE_S
 from tokenmill.launch.cmd_worker import add_runtime_args
+from tokenmill.launch.event_loop import add_event_loop_arg
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 
 DEFAULT_COMPONENT = "backend"
@@ -43,13 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remote-router", action="store_true",
                    help="ask standalone router replicas (tokenmill router) to route")  # fmt: skip
     add_runtime_args(p)
+    add_event_loop_arg(p, "asyncio")
+    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle HTTP connection stays open")  # fmt: skip
     p.set_defaults(func=run, workers=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvloop
-
-    return uvloop.run(serve_frontend(args, args.nats, time.monotonic()))
+    return event_loop.run(serve_frontend(args, args.nats, time.monotonic()), args.event_loop)
 
 
 async def serve_frontend(args: argparse.Namespace, nats_url: str, start: float,
@@ -173,8 +177,6 @@ async def _first_card(client, expect_workers: int, check=None):
 
 def run_with_workers(args: argparse.Namespace) -> int:
     """Embedded nats-server (unless ``--nats``), N worker processes, the frontend here."""
-    import uvloop
-
     from tokenmill.runtime.nats_server import NatsServer
 
     start = time.monotonic()
@@ -185,7 +187,8 @@ def run_with_workers(args: argparse.Namespace) -> int:
         procs = [spawn_worker(args, url, i) for i in range(args.workers)]
         pids = " ".join(str(p.pid) for p in procs)
         note = (f", nats {url} pid {nats.pid}" if nats else "") + f", worker pids {pids}"
-        return uvloop.run(_serve_after_workers(args, url, start, note, _alive_check(procs)))
+        main = _serve_after_workers(args, url, start, note, _alive_check(procs))
+        return event_loop.run(main, args.event_loop)
     finally:
         stop_processes(procs, args.shutdown_timeout)
         if nats is not None:

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-queued", type=int, default=1024, help="shed above this")
     p.add_argument("--queue-order", choices=("fcfs", "spf"), default="fcfs")
     p.add_argument("--no-fast-forward", action="store_true", help="step every decode step")
+    p.add_argument(
+        "--save-requests", action="store_true", help="per-request records in the report JSON"
+    )
     p.set_defaults(func=run)
 
 
@@ -89,13 +92,15 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenmill.engine.mocker import ProfileTiming
     from tokenmill.sim.replay import Replay
+    from tokenmill.sim.report import request_json
     from tokenmill.sim.trace import read_mooncake
 
     cfg = build_config(args)
     requests = read_mooncake(args.trace, args.max_requests, args.arrival_speed)
     timing = ProfileTiming.load(args.timing_profile) if args.timing_profile else None
     t0 = time.perf_counter()
-    report = Replay(cfg, requests, timing).run()
+    replay = Replay(cfg, requests, timing)
+    report = replay.run()
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     report["config"] = {
         "router_mode": args.router_mode,
@@ -104,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "trace": args.trace,
     }
+    if args.save_requests:
+        report["requests"] = [request_json(r) for r in replay.records.values()]
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,5 +1,5 @@
-"""``tokenmill serve``: frontend + router + one worker in one process, on uvicorn (uvloop,
-httptools), over the in-process runtime.
+"""``tokenmill serve``: frontend + router + one worker in one process, on uvicorn (httptools,
+the event loop of ``--event-loop``), over the in-process runtime.
 
 SIGINT/SIGTERM: stop accepting connections, let in-flight streams finish for up to
 ``--shutdown-timeout`` seconds, cancel (abort) what is left, shut the engine down, exit 0.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.launch import event_loop
 from tokenmill.launch.engine_args import (
     ENGINE_DEFAULTS,
     MOCKER_DEFAULTS,
@@ -23,6 +24,7 @@ from tokenmill.launch.engine_args import (
     add_engine_args,
     engine_settings,
 )
+from tokenmill.launch.event_loop import add_event_loop_arg
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 from tokenmill.router.router import ROUTER_MODES
 
@@ -30,6 +32,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 ENGINES = ("real", "mocker", "echo")
 MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
+# Longer than the idle timeout of common client pools (aiohttp 15 s, httpx 5 s, load
+# balancers 60 s): the client closes an idle connection first. With uvicorn's 5 s a client
+# could reuse a connection the server was closing, and that request failed
+# (``connection_dropped`` in tokenmill bench serve).
+KEEP_ALIVE_S = 65.0
 SHUTDOWN_BACKSTOP_S = 5.0  # after the drain: how long uvicorn waits before cancelling
 
 
@@ -51,19 +58,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
     p.add_argument("--allow-pinning", action="store_true",
                    help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
+    add_event_loop_arg(p, "asyncio")
+    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle HTTP connection stays open")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvloop
-
     if args.workers > 0:
         from tokenmill.launch.cmd_frontend import run_with_workers
 
         return run_with_workers(args)
 
     start = time.monotonic()
-    return uvloop.run(_serve(args, start))
+    return event_loop.run(_serve(args, start), args.event_loop)
 
 
 async def _serve(args: argparse.Namespace, start: float) -> int:
@@ -317,6 +325,7 @@ def make_server(app: Any, args: argparse.Namespace, drain: Any = None):
         lifespan="on",
         log_level="warning",
         access_log=False,
+        timeout_keep_alive=getattr(args, "timeout_keep_alive", KEEP_ALIVE_S),
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_S,
     )
     return _Server(config)

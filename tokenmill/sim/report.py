@@ -60,6 +60,22 @@ def to_timing(r: RequestRecord) -> RequestTiming:
     )
 
 
+def request_json(r: RequestRecord) -> dict[str, Any]:
+    """One record for ``replay --save-requests`` (virtual ms; -1 for "never")."""
+    return {
+        "request_id": r.request_id,
+        "arrival_ms": _r(r.arrival_ms),
+        "worker": r.worker,
+        "first_token_ms": _r(r.first_token_ms),
+        "finish_ms": _r(r.finish_ms),
+        "queued_ms": _r(r.queued_ms),
+        "input_length": r.input_length,
+        "num_output_tokens": r.num_output_tokens,
+        "num_cached_tokens": r.num_cached_tokens,
+        "shed": r.shed,
+    }
+
+
 def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(float(x), digits)
 
