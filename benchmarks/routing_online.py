@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
         "--work", default=str(Path(os.environ.get("TMPDIR") or "/tmp") / "routing-online")
     )
     p.add_argument("--out", default=str(REPO / "benchmarks/results/routing_online.json"))
+    p.add_argument("--bench-args", nargs="*", default=[],
+                   help="more flags for tokenmill bench serve (e.g. --no-uvloop)")  # fmt: skip
     return p.parse_args()
 
 
@@ -199,7 +201,7 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
         bench = tm("bench", "serve", "--url", f"http://127.0.0.1:{port}", "--model", MODEL,
                    "--trace", a.trace, "--format", "mooncake", "--speed", str(a.speed),
                    "--window", f"0:{a.window:g}", "--output-dir", str(out), "--no-plots",
-                   "--progress", "off", "--save-requests")  # fmt: skip
+                   "--progress", "off", "--save-requests", *a.bench_args)  # fmt: skip
         before = scrape(port)
         cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
         with LoadSampler() as load:
