@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
         "--work", default=str(Path(os.environ.get("TMPDIR") or "/tmp") / "routing-online")
     )
     p.add_argument("--out", default=str(REPO / "benchmarks/results/routing_online.json"))
+    p.add_argument("--serve-args", nargs="*", default=[],
+                   help="more flags for tokenmill serve (e.g. --worker-event-loop asyncio)")
     p.add_argument("--bench-args", nargs="*", default=[],
                    help="more flags for tokenmill bench serve (e.g. --no-uvloop)")  # fmt: skip
     return p.parse_args()
@@ -192,7 +194,8 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = tm("serve", "--workers", str(a.workers), "--engine", "mocker", "--model", str(TOK),
-             "--served-model-name", MODEL, "--router-mode", mode, "--port", str(port))  # fmt: skip
+             "--served-model-name", MODEL, "--router-mode", mode, "--port", str(port),
+             *a.serve_args)  # fmt: skip
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:

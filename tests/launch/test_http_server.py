@@ -1,5 +1,5 @@
 """The HTTP server settings of ``serve`` / ``frontend``: the event loop (``--event-loop``,
-asyncio's by default) and how long an idle keep-alive connection stays open
+asyncio's by default; workers and routers default to uvloop) and how long an idle keep-alive connection stays open
 (``--timeout-keep-alive``, longer than common client pools keep theirs)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import socket
 import pytest
 import uvloop
 
-from tokenmill.launch import event_loop
+from tokenmill.launch import cmd_frontend, event_loop
 from tokenmill.launch.cli import build_parser
 from tokenmill.launch.cmd_serve import KEEP_ALIVE_S, make_server
 
@@ -25,6 +25,24 @@ def test_defaults_asyncio_loop_and_long_keep_alive(command: list[str]):
         [*command, "--event-loop", "uvloop", "--timeout-keep-alive", "2.5"]
     )
     assert (given.event_loop, given.timeout_keep_alive) == ("uvloop", 2.5)
+
+
+@pytest.mark.parametrize("command", [["worker", "--nats", "n"], ["router", "--nats", "n"]])
+def test_workers_and_routers_default_to_uvloop(command: list[str]):
+    assert build_parser().parse_args(command).event_loop == "uvloop"
+    assert build_parser().parse_args([*command, "--event-loop", "asyncio"]).event_loop == "asyncio"
+
+
+def test_serve_passes_the_worker_event_loop_to_its_workers(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(cmd_frontend.subprocess, "Popen", lambda argv, **kw: spawned.append(argv))
+    base = ["serve", "--engine", "mocker", "--model", "m", "--workers", "2"]
+    for flags, expected in (([], "uvloop"), (["--worker-event-loop", "asyncio"], "asyncio")):
+        args = build_parser().parse_args(base + flags)
+        assert args.event_loop == "asyncio"  # the frontend's own loop is a separate flag
+        cmd_frontend.spawn_worker(args, "nats://127.0.0.1:1", 0)
+        worker = build_parser().parse_args(spawned[-1][spawned[-1].index("worker") :])
+        assert worker.event_loop == expected
 
 
 @pytest.mark.parametrize(("name", "loop_type"), [("asyncio", asyncio.BaseEventLoop),

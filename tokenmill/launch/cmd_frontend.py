@@ -225,7 +225,8 @@ def spawn_worker(args: argparse.Namespace, url: str, index: int) -> subprocess.P
             "--device", args.device, "--mocker-speedup", str(args.mocker_speedup),
             "--echo-delay", str(args.echo_delay),
             "--stream-interval-ms", str(args.stream_interval_ms),
-            "--drain-timeout", str(args.shutdown_timeout)]  # fmt: skip
+            "--drain-timeout", str(args.shutdown_timeout),
+            "--event-loop", args.worker_event_loop]  # fmt: skip
     for flag, value in (("--model", args.model), ("--served-model-name", args.served_model_name),
                         ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from tokenmill.launch import event_loop
+from tokenmill.launch.event_loop import add_event_loop_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenmill.launch.cmd_serve import ROUTER_MODES
@@ -21,13 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="the workers' KV block size (default: from their model cards)")  # fmt: skip
     add_runtime_args(p)
+    add_event_loop_arg(p, "uvloop")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvloop
-
-    return uvloop.run(_main(args))
+    return event_loop.run(_main(args), args.event_loop)
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from tokenmill.launch.engine_args import (
     add_engine_args,
     engine_settings,
 )
-from tokenmill.launch.event_loop import add_event_loop_arg
+from tokenmill.launch.event_loop import EVENT_LOOPS, add_event_loop_arg
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 from tokenmill.router.router import ROUTER_MODES
 
@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pinning", action="store_true",
                    help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
     add_event_loop_arg(p, "asyncio")
+    p.add_argument("--worker-event-loop", choices=EVENT_LOOPS, default="uvloop",
+                   help="with --workers: the worker processes' event loop")  # fmt: skip
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle HTTP connection stays open")  # fmt: skip
     p.set_defaults(func=run)

@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import signal
 
+from tokenmill.launch import event_loop
 from tokenmill.launch.cmd_serve import ENGINES
 from tokenmill.launch.engine_args import ENGINE_DEFAULTS, add_engine_args, engine_settings
+from tokenmill.launch.event_loop import add_event_loop_arg
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 
 
@@ -26,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     p.add_argument("--instance-id", default=None, help="default: a random id")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+    add_event_loop_arg(p, "uvloop")
     p.set_defaults(func=run)
 
 
@@ -49,9 +52,7 @@ def runtime_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvloop
-
-    return uvloop.run(_main(args))
+    return event_loop.run(_main(args), args.event_loop)
 
 
 async def _main(args: argparse.Namespace) -> int:
