@@ -58,7 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
     p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"],
                    choices=["dynamo", "tokenmill", "tokenmill-interval0",
-                            "tokenmill-speedup5", "tokenmill-uvloop"])  # fmt: skip
+                            "tokenmill-speedup5", "tokenmill-uvloop",
+                            "tokenmill-speedup5-uvloop"])  # fmt: skip
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
@@ -175,7 +176,9 @@ def main() -> int:
                    a, out, ("--mocker-speedup", "5")),
                # the frontend on uvloop, the default before this was measured
                "tokenmill-uvloop": lambda a, out: run_tokenmill(
-                   a, out, ("--event-loop", "uvloop"))}  # fmt: skip
+                   a, out, ("--event-loop", "uvloop")),
+               "tokenmill-speedup5-uvloop": lambda a, out: run_tokenmill(
+                   a, out, ("--mocker-speedup", "5", "--event-loop", "uvloop"))}  # fmt: skip
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
         for stack in a.stacks if r % 2 == 0 else list(reversed(a.stacks)):

@@ -19,9 +19,8 @@ import sys
 import time
 
 from tokenmill.launch import event_loop
-from tokenmill.launch.cmd_serve import KEEP_ALIVE_S
+from tokenmill.launch.cmd_serve import add_http_server_args
 from tokenmill.launch.cmd_worker import add_runtime_args
-from tokenmill.launch.event_loop import add_event_loop_arg
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 
 DEFAULT_COMPONENT = "backend"
@@ -46,9 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remote-router", action="store_true",
                    help="ask standalone router replicas (tokenmill router) to route")  # fmt: skip
     add_runtime_args(p)
-    add_event_loop_arg(p, "asyncio")
-    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
-                   help="seconds an idle HTTP connection stays open")  # fmt: skip
+    add_http_server_args(p)
     p.set_defaults(func=run, workers=0)
 
 

@@ -58,12 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
     p.add_argument("--allow-pinning", action="store_true",
                    help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
-    add_event_loop_arg(p, "asyncio")
+    add_http_server_args(p)
     p.add_argument("--worker-event-loop", choices=EVENT_LOOPS, default="uvloop",
                    help="with --workers: the worker processes' event loop")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def add_http_server_args(p: argparse.ArgumentParser) -> None:
+    """The flags ``make_server`` reads besides host and port (``serve`` and ``frontend``)."""
+    add_event_loop_arg(p, "asyncio")
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle HTTP connection stays open")  # fmt: skip
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -327,7 +332,7 @@ def make_server(app: Any, args: argparse.Namespace, drain: Any = None):
         lifespan="on",
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=getattr(args, "timeout_keep_alive", KEEP_ALIVE_S),
+        timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_S,
     )
     return _Server(config)
