@@ -48,6 +48,7 @@ from pathlib import Path
 
 from serve_helpers import free_port, wait_model
 
+from tokenmill.bench.metrics import distribution, percentile
 from tokenmill.launch.engine_args import MOCKER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,13 +165,11 @@ def server_means_ms(before: dict, after: dict) -> dict[str, float | None]:
     return means
 
 
-def quantiles(x: list[float]) -> dict[str, float | None]:
-    if not x:
-        return {"n": 0}
-    x = sorted(x)
-    at = lambda q: round(x[min(len(x) - 1, int(q * len(x)))], 2)  # noqa: E731
-    return {"n": len(x), "mean": round(sum(x) / len(x), 2), "p10": at(0.1), "p50": at(0.5),
-            "p90": at(0.9), "p99": at(0.99)}  # fmt: skip
+def spread(values: list[float]) -> dict[str, float | None]:
+    """``bench.metrics.distribution`` plus the count and p10 (differences can be negative)."""
+    xs = sorted(values)
+    stats = {"p10": percentile(xs, 10) if xs else None, **distribution(xs)}
+    return {"n": len(xs), **{k: None if v is None else round(v, 2) for k, v in stats.items()}}
 
 
 def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dict:
@@ -184,13 +183,14 @@ def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dic
             continue
         diff = (on["first_token_s"] - on["send_s"]) * 1e3 - (off["first_token_ms"] - off["arrival_ms"])
         (same if on["num_cached_tokens"] == off["num_cached_tokens"] else differ).append(diff)
-    return {"ttft_diff_ms": quantiles(same + differ), "same_cached": quantiles(same),
-            "other_cached": quantiles(differ)}  # fmt: skip
+    return {"ttft_diff_ms": spread(same + differ), "same_cached": spread(same),
+            "other_cached": spread(differ)}  # fmt: skip
 
 
-def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
+def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict]]:
     """One serve + bench serve run; returns the bench summary (+ ``host``: the load average,
-    the server's CPU cores in use, and the workers' pacing report)."""
+    the server's CPU cores in use, and the workers' pacing report; + ``server_ms``) and the
+    per-request records."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = tm("serve", "--workers", str(a.workers), "--engine", "mocker", "--model", str(TOK),
@@ -226,7 +226,8 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> dict:
     return {**results["summary"], "host": host, "server_ms": server}, results["requests"]
 
 
-def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> dict:
+def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> tuple[dict, list[dict]]:
+    """``tokenmill replay`` on the first ``n`` requests: its report and per-request records."""
     cmd = tm("replay", "--trace", a.trace, "--workers", str(a.workers), "--router-mode", mode,
              "--arrival-speed", str(a.speed), "--max-requests", str(n),
              "--output", str(out), "--save-requests")  # fmt: skip

@@ -1,12 +1,11 @@
 """The HTTP server settings of ``serve`` / ``frontend``: the event loop (``--event-loop``,
-asyncio's by default; workers and routers default to uvloop) and how long an idle keep-alive connection stays open
-(``--timeout-keep-alive``, longer than common client pools keep theirs)."""
+asyncio's by default; workers and routers default to uvloop) and how long an idle keep-alive
+connection stays open (``--timeout-keep-alive``, longer than common client pools keep theirs)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 
 import pytest
 import uvloop
@@ -73,22 +72,16 @@ async def _hello(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _idle_connection_closed_after(keep_alive_s: float, idle_s: float) -> bool:
     """One request on a keep-alive connection, ``idle_s`` of silence: did the server close it?"""
-    port = _free_port()
-    args = argparse.Namespace(host="127.0.0.1", port=port, shutdown_timeout=1.0,
+    args = argparse.Namespace(host="127.0.0.1", port=0, shutdown_timeout=1.0,
                               timeout_keep_alive=keep_alive_s)  # fmt: skip
     server = make_server(_hello, args)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
             await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")

@@ -6,8 +6,8 @@ are parsed ran 47 ms after that socket read on average at concurrency 128, while
 same loop fired on time; the requests on connections opened during a burst waited up to 1.8 s,
 and TTFT p99 was 492 ms (median of 5 runs) against 281 ms on asyncio's loop at the same
 request rate (-11% at concurrency 32). Workers and the standalone router default to uvloop:
-they serve no HTTP, and on asyncio's loop 8 mocker workers used 12% more CPU with no gain in
-the online routing experiment's TTFT (``serve --worker-event-loop`` chooses theirs).
+they serve no HTTP, and with 8 mocker workers on asyncio's loop the serve process tree used
+12% more CPU with no gain in the online routing experiment's TTFT (``serve --worker-event-loop`` chooses theirs).
 """
 
 from __future__ import annotations
