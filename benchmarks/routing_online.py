@@ -24,6 +24,9 @@ frontend's own TTFT, queue-time and router-overhead histograms over the run (scr
 and the frontend; and each mode has ``per_request``: request i online against request i in
 replay (both sides save per-request records), the TTFT difference's distribution, overall and
 split by whether both saw the same number of cached tokens (routing went the same way).
+``stages_ms`` splits each online TTFT into its stages (``STAGES``) by joining the client's
+records with the frontend's ``--request-log`` (response ids, one monotonic clock), and sets the
+worker round trip against replay's TTFT for the same request.
 
 Contract: adds one entry per (window, speed) under ``runs`` of ``--out`` (default
 benchmarks/results/routing_online.json, other entries kept; an entry measured with other
@@ -187,15 +190,52 @@ def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dic
             "other_cached": spread(differ)}  # fmt: skip
 
 
-def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict]]:
+# The online TTFT of a request as consecutive stages (ms): the client's send to the frontend's
+# handler, reading the body, routing and opening the worker stream, the worker round trip up
+# to the first tokens at the frontend, handing the first SSE bytes to the HTTP server, and
+# from there to the client reading them. Their means add up to the online TTFT mean.
+STAGES = ("to_handler", "body", "route", "worker", "write", "to_client")
+
+
+def stages(online_requests: list[dict], origin_s: float, log: list[dict],
+           replay_requests: list[dict]) -> dict:  # fmt: skip
+    """The ``STAGES`` of each online request, joined with the frontend's request log by
+    response id (times on one host's monotonic clock), and ``worker_minus_replay``: the worker
+    round trip less replay's TTFT for the same request (what the transport and the live
+    engine add on the server side)."""
+    by_id = {line["id"]: line for line in log if line["id"]}
+    replay = {r["request_id"]: r for r in replay_requests}
+    rows: dict[str, list[float]] = {name: [] for name in (*STAGES, "worker_minus_replay")}
+    for on in online_requests:
+        line = by_id.get(on.get("response_id"))
+        if on["error"] or line is None or on["first_token_s"] is None:
+            continue
+        ms, arrival = line["ms"], line["arrival_monotonic"]
+        first_write = arrival + ms["first_write"] / 1e3
+        split = {"to_handler": (arrival - origin_s - on["send_s"]) * 1e3, "body": ms["body"],
+                 "route": ms["routed"] - ms["body"], "worker": ms["first_token"] - ms["routed"],
+                 "write": ms["first_write"] - ms["first_token"],
+                 "to_client": (origin_s + on["first_token_s"] - first_write) * 1e3}  # fmt: skip
+        for name, value in split.items():
+            rows[name].append(value)
+        off = replay[f"req-{on['index']}"]
+        rows["worker_minus_replay"].append(
+            split["worker"] - (off["first_token_ms"] - off["arrival_ms"])
+        )
+    return {name: spread(values) for name, values in rows.items()}
+
+
+def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict], float, list]:
     """One serve + bench serve run; returns the bench summary (+ ``host``: the load average,
-    the server's CPU cores in use, and the workers' pacing report; + ``server_ms``) and the
-    per-request records."""
+    the server's CPU cores in use, and the workers' pacing report; + ``server_ms``), the
+    per-request records, the records' origin on the monotonic clock and the frontend's request
+    log."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = tm("serve", "--workers", str(a.workers), "--engine", "mocker", "--model", str(TOK),
              "--served-model-name", MODEL, "--router-mode", mode, "--port", str(port),
-             *a.serve_args)  # fmt: skip
+             "--request-log", str(out / "requests.jsonl"), *a.serve_args)  # fmt: skip
+    (out / "requests.jsonl").unlink(missing_ok=True)
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -223,7 +263,9 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict
     host = {"loadavg": load.summary(), "server_cores": round(cores, 2),
             "pacing": pacing((out / "serve.log").read_text(errors="replace"))}  # fmt: skip
     results = json.loads((out / "results.json").read_text())
-    return {**results["summary"], "host": host, "server_ms": server}, results["requests"]
+    log = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    summary = {**results["summary"], "host": host, "server_ms": server}
+    return summary, results["requests"], results["origin_monotonic_s"], log
 
 
 def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> tuple[dict, list[dict]]:
@@ -271,10 +313,11 @@ def main() -> int:
     run.update({"window_s": a.window, "speed": a.speed, "requests": n, "workers": a.workers,
                 "engine": engine, "tolerance": TOLERANCE})  # fmt: skip
     for mode in a.modes:
-        on, on_requests = online(a, mode, work / f"online_{mode}")
+        on, on_requests, origin, log = online(a, mode, work / f"online_{mode}")
         off, off_requests = offline(a, mode, n, work / f"replay_{mode}.json")
         run["modes"][mode] = {"online": on, "replay": off, "compare": compare(on, off),
-                              "per_request": per_request(on_requests, off_requests)}  # fmt: skip
+                              "per_request": per_request(on_requests, off_requests),
+                              "stages_ms": stages(on_requests, origin, log, off_requests)}  # fmt: skip
         print(json.dumps({"mode": mode, **run["modes"][mode]["compare"]}), flush=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

@@ -136,9 +136,13 @@ def test_events_update_the_record():
         record, "message", '{"choices": [{"delta": {"role": "assistant"}}]}', 1.0
     )
     assert record.first_token_s is None  # a role-only chunk is not a token
-    assert not _apply_event(record, "message", '{"error": null, "choices": [{"text": "a"}]}', 2.0)
+    assert record.response_id is None  # the chunk had no id
     assert not _apply_event(
-        record, "message", '{"choices": [{"text": "b", "finish_reason": "stop"}]}', 3.0
+        record, "message", '{"id": "cmpl-1", "error": null, "choices": [{"text": "a"}]}', 2.0
+    )
+    assert not _apply_event(
+        record, "message", '{"id": "x", "choices": [{"text": "b", "finish_reason": "stop"}]}', 3.0
     )
     assert (record.first_token_s, record.chunk_times_s, record.finished) == (2.0, [2.0, 3.0], True)
+    assert record.response_id == "cmpl-1"  # the first id seen is kept
     assert _apply_event(record, "message", "[1, 2]", 4.0) and record.error == "bad_payload"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,13 @@ async def test_schedule_mode_fires_at_arrival_over_speed(fake_server):
         metrics_interval_s=0.05,
     )
     # arrivals 0 and 1200 ms fall outside the window; 100, 100, 500 -> sent at 0, 0, 0.2 s
+    before = time.monotonic()
     results = await run_serve_bench(
         _requests([0, 100, 100, 500, 1200]), ClientConfig(server.url, "m"), cfg
     )
+    # the saved times join a server log's time.monotonic() stamps through this origin
+    first_send = results["origin_monotonic_s"] + results["requests"][0]["send_s"]
+    assert before <= results["origin_monotonic_s"] <= first_send <= time.monotonic()
     sends = [r["send_s"] for r in results["requests"]]
     assert [r["scheduled_s"] for r in results["requests"]] == pytest.approx([0, 0, 0.2], abs=1e-3)
     # send lag = client overhead (aiohttp builds the request; the first one also warms up

@@ -254,6 +254,7 @@ def _record_json(record: RequestRecord, origin: float) -> dict:
         "num_cached_tokens": record.num_cached_tokens,
         "error": record.error,
         "error_detail": record.error_detail,
+        "response_id": record.response_id,
     }
 
 
@@ -292,6 +293,8 @@ def build_results(
     }
     if cfg.save_requests:
         results["requests"] = [_record_json(r, origin) for r in records]
+        # the start as time.monotonic(): joins the records with a same-host server's log
+        results["origin_monotonic_s"] = origin + time.monotonic() - time.perf_counter()
     return results
 
 

@@ -12,7 +12,9 @@ tenant ``cache_salt``) changes the seed, so salted and unsalted prefixes never c
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +23,7 @@ import xxhash
 SEED = 1337
 _U64 = struct.Struct("<QQ")
 _xxh3 = xxhash.xxh3_64_intdigest
+_U32_CODE = next((c for c in "IL" if array.array(c).itemsize == 4), None)
 
 
 def seed_for(salt: str | None) -> int:
@@ -37,9 +40,24 @@ def local_block_hashes(
     num_full = len(token_ids) // block_size
     if num_full == 0:
         return []
-    data = np.asarray(token_ids[: num_full * block_size], dtype="<u4").tobytes()
+    data = memoryview(_le_u32_bytes(token_ids))[: num_full * block_size * 4]
     step = 4 * block_size
     return [_xxh3(data[i : i + step], seed=seed) for i in range(0, len(data), step)]
+
+
+def _le_u32_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """The ids as little-endian u32 bytes. A list goes through ``array`` (~3x faster than
+    numpy's per-item conversion: ~0.1 ms for 14k ids, hashed on the frontend's event loop)."""
+    if _U32_CODE is not None and isinstance(token_ids, list | tuple):
+        try:
+            packed = array.array(_U32_CODE, token_ids)
+        except (OverflowError, TypeError):
+            pass  # not u32 values: numpy's conversion below raises or converts as it always did
+        else:
+            if sys.byteorder == "big":
+                packed.byteswap()
+            return packed.tobytes()
+    return np.asarray(token_ids, dtype="<u4").tobytes()
 
 
 def chain_hashes(local: Sequence[int], parent: int | None = None, seed: int = SEED) -> list[int]:

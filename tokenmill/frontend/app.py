@@ -37,6 +37,7 @@ from tokenmill.frontend.preprocess import (
     prepare_chat,
     prepare_completion,
 )
+from tokenmill.frontend.request_log import RequestLog, RequestStages
 from tokenmill.frontend.responses import Collector, ResponseMeta, StreamFormatter, Usage, sse
 from tokenmill.frontend.schemas import (
     ChatCompletionRequest,
@@ -71,6 +72,7 @@ class FrontendConfig:
     retry_after_s: float = 1.0
     migration_limit: int = 3
     allow_pinning: bool = False  # honour the per-request ``router.worker_id``
+    request_log: str | None = None  # a path: one JSON line of stage times per request
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Frontend:
     ):
         self.config, self.metrics, self.loads = config, metrics, loads
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        self.request_log = RequestLog(config.request_log) if config.request_log else None
         self.served: dict[str, _Served] = {}
         self.add_model(model, dispatcher)
         self.model, self.dispatcher = model, dispatcher  # the first (default) model
@@ -125,25 +128,36 @@ class Frontend:
         dispatcher.set_observer(self.metrics.observe_route)
         self.served[model.name] = _Served(model, dispatcher, ctx, ctx.decoders[False].one)
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.request_log is not None:
+            self.request_log.close()
+
     def error(self, exc: BaseException) -> Response:
         status, obj, headers = errors.classify(exc, self.config.retry_after_s)
         return json_response(obj, status, headers)
 
     async def complete(self, request: Request, kind: _Kind) -> Response:
         self.metrics.inflight.inc()
+        stages = RequestStages(kind.name)
         try:
-            response = await self._complete(request, kind)
+            response = await self._complete(request, kind, stages)
         except Exception as exc:
             response = self.error(exc)
+            stages.error = type(exc).__name__
         finally:
             self.metrics.inflight.dec()
         self.metrics.requests.labels(kind.name, str(response.status_code)).inc()
+        stages.status = response.status_code
+        if not stages.streaming:  # a stream logs itself when it ends
+            self._log(stages)
         return response
 
-    async def _complete(self, request: Request, kind: _Kind) -> Response:
-        arrival = time.monotonic()
+    async def _complete(self, request: Request, kind: _Kind, stages: RequestStages) -> Response:
+        arrival = stages.arrival
         self.authorize(request)
         raw = await self._read_body(request)
+        stages.body = time.monotonic()
         req = decode_request(raw, kind.schema)
         if log.isEnabledFor(logging.DEBUG) and (extra := unknown_fields(raw, kind.schema)):
             log.debug("ignoring unknown request fields %s", extra)
@@ -154,14 +168,19 @@ class Frontend:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.pool, kind.prepare, served.model, req)
         meta = ResponseMeta(kind.id_prefix + uuid.uuid4().hex, served.model.name, kind.chat)
+        stages.id = meta.id
         usage = Usage(prepared.n, sum(len(p) for p in prepared.prompts))
+        stages.usage = usage
         self._check_router(prepared.router)
         requests = engine_requests(prepared, meta.id)
         streams = await open_streams(served.ctx, requests, arrival, prepared.router)
+        stages.routed = time.monotonic()
+        stages.instances = [s.instances for s in streams]
         events = merge(streams)
         if prepared.stream:
             fmt = StreamFormatter(meta, served.token_text, prepared.include_usage)
-            return SSEResponse(self._sse_body(events, fmt, usage, len(streams)))
+            stages.streaming = True
+            return SSEResponse(self._sse_body(events, fmt, usage, len(streams), stages))
         collector = Collector(meta, served.token_text, len(streams), usage)
         try:
             async with cancel_on_disconnect(request.receive):
@@ -170,6 +189,7 @@ class Frontend:
                         batch = await events.next_batch()
                     except StopAsyncIteration:
                         break
+                    stages.first_token = stages.first_token or time.monotonic()
                     for event in batch:
                         collector.add(event)
         finally:
@@ -178,31 +198,51 @@ class Frontend:
         return json_response(collector.response())
 
     async def _sse_body(
-        self, events: EventSource, fmt: StreamFormatter, usage: Usage, num_choices: int
+        self,
+        events: EventSource,
+        fmt: StreamFormatter,
+        usage: Usage,
+        num_choices: int,
+        stages: RequestStages,
     ) -> AsyncIterator[bytes]:
         """The SSE frames of each batch of events as one ``bytes``; the last ``bytes`` ends
-        with ``[DONE]`` and carries the last events, the usage chunk (or the error event)."""
-        last = b""
+        with ``[DONE]`` and carries the last events, the usage chunk (or the error event).
+        Logs the request once the last frames were sent or the client went away."""
+        last, sent = b"", False
         try:
-            while True:
-                try:
-                    batch = await events.next_batch()
-                except StopAsyncIteration:
-                    break
-                for event in batch:
-                    usage.add(event)
-                if usage.num_finished == num_choices:
-                    last = fmt.chunks(batch)
-                    break
-                yield fmt.chunks(batch)
-            if fmt.include_usage:
-                last += fmt.usage_chunk(usage)
-            self._count_usage(usage)
-        except TokenmillError as exc:
-            last = sse(errors.classify(exc)[1])
+            try:
+                while True:
+                    try:
+                        batch = await events.next_batch()
+                    except StopAsyncIteration:
+                        break
+                    stages.first_token = stages.first_token or time.monotonic()
+                    for event in batch:
+                        usage.add(event)
+                    if usage.num_finished == num_choices:
+                        last = fmt.chunks(batch)
+                        break
+                    yield fmt.chunks(batch)
+                    stages.first_write = stages.first_write or time.monotonic()
+                if fmt.include_usage:
+                    last += fmt.usage_chunk(usage)
+                self._count_usage(usage)
+            except TokenmillError as exc:
+                last = sse(errors.classify(exc)[1])
+                stages.error = type(exc).__name__
+            finally:
+                await events.aclose()
+            yield last + SSE_DONE
+            stages.first_write = stages.first_write or time.monotonic()
+            sent = True
         finally:
-            await events.aclose()
-        yield last + SSE_DONE
+            if not sent and stages.error is None:
+                stages.error = "client_disconnected"
+            self._log(stages)
+
+    def _log(self, stages: RequestStages) -> None:
+        if self.request_log is not None:
+            self.request_log.write(stages)
 
     def _count_usage(self, usage: Usage) -> None:
         self.metrics.observe_usage(
@@ -296,7 +336,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        front.pool.shutdown(wait=False, cancel_futures=True)
+        front.close()
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, openapi_url=None, docs_url=None)
     app.state.frontend = front

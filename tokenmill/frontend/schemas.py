@@ -83,7 +83,9 @@ class ChatCompletionRequest(_CommonRequest, kw_only=True):
 
 
 class CompletionRequest(_CommonRequest, kw_only=True):
-    prompt: str | list[Any]
+    # kept as raw JSON: the preprocessor decodes token-id prompts straight into checked ids
+    # (``preprocess.completion_prompts``), any other shape into Python values
+    prompt: msgspec.Raw
     logprobs: int | None = None
     echo: bool | None = False
     suffix: str | None = None

@@ -149,6 +149,11 @@ class ChoiceStream:
         self._finished = self._closed = False
         self._error: TokenmillError | None = None
 
+    @property
+    def instances(self) -> list[str]:
+        """The instances that served this choice, in order (a migration appends)."""
+        return self._stream.instances
+
     async def next_batch(self) -> list[ChoiceEvent]:
         while True:
             if self._error is not None:

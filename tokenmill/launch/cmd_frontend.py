@@ -141,7 +141,8 @@ async def build_remote_stack(args: argparse.Namespace, nats_url: str, expect_wor
     config = FrontendConfig(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                             request_timeout_s=args.request_timeout,
                             migration_limit=args.migration_limit,
-                            allow_pinning=args.allow_pinning)  # fmt: skip
+                            allow_pinning=args.allow_pinning,
+                            request_log=args.request_log)  # fmt: skip
     loads = LoadTracker(runtime, client)
     loads.start()
     dispatcher, parts = await model_dispatcher(args, runtime, client, card)

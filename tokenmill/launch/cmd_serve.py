@@ -69,6 +69,10 @@ def add_http_server_args(p: argparse.ArgumentParser) -> None:
     add_event_loop_arg(p, "asyncio")
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle HTTP connection stays open")  # fmt: skip
+    p.add_argument("--request-log", metavar="PATH", default=None,
+                   help="append one JSON line per completion request: its stage times "
+                   "(body read, routed, first token, first write, end), status, token "
+                   "counts and workers")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +144,7 @@ async def build_stack(args: argparse.Namespace) -> Stack:
         request_timeout_s=args.request_timeout,
         migration_limit=getattr(args, "migration_limit", 3),
         allow_pinning=getattr(args, "allow_pinning", False),
+        request_log=args.request_log,
     )
     return await assemble_stack(engine, model, config, _route_policy(args))
 
