@@ -195,8 +195,8 @@ def _decoded_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
 
 def needs_tokenizer(req: Any) -> bool:
     """Whether preparing ``req`` runs the tokenizer (a chat template, a text prompt): only then
-    is it worth a pool thread. A token-id prompt is checked at C speed (1-2 ms for 14k ids),
-    far less than the thread hand-off costs on a busy event loop (tens of ms)."""
+    is it worth a pool thread. A token-id prompt is decoded and checked at C speed (~0.45 ms
+    for 14k ids), far less than the thread hand-off costs on a busy event loop (tens of ms)."""
     prompt = getattr(req, "prompt", None)
     if prompt is None:
         return True  # chat: a template
