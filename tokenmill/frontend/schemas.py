@@ -84,7 +84,7 @@ class ChatCompletionRequest(_CommonRequest, kw_only=True):
 
 class CompletionRequest(_CommonRequest, kw_only=True):
     # kept as raw JSON: the preprocessor decodes token-id prompts straight into checked ids
-    # (``preprocess.completion_prompts``), any other shape into Python values
+    # (``preprocess._checked_ids``), any other shape into Python values
     prompt: msgspec.Raw
     logprobs: int | None = None
     echo: bool | None = False
