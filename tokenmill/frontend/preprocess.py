@@ -136,7 +136,7 @@ def _completion_prompts(model: ServedModel, raw: msgspec.Raw) -> list[list[int]]
     """A string, a list of strings, a list of token ids or a list of lists of token ids."""
     prompts = _checked_ids(model, raw)
     if prompts is None:  # text, or ids that fail a check: the messages below say which
-        prompts = _decoded_prompts(model, _decode_json(raw))
+        prompts = _decoded_prompts(model, msgspec.json.decode(raw))  # valid: already parsed
     if len(prompts) > MAX_PROMPTS:
         raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     if any(not p for p in prompts):
@@ -166,13 +166,6 @@ def _checked_ids(model: ServedModel, raw: msgspec.Raw) -> list[list[int]] | None
         return many.decode(raw)
     except msgspec.ValidationError:
         return None
-
-
-def _decode_json(raw: msgspec.Raw) -> Any:
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:  # the request decoder already parsed it: not expected
-        raise InvalidRequestError(f"malformed prompt: {e}", param="prompt") from None
 
 
 def _decoded_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
