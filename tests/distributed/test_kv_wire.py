@@ -12,9 +12,9 @@ import pytest
 
 from tokenmill.core.events import Removed, Stored, StoredBlock
 from tokenmill.core.request import EngineRequest
-from tokenmill.frontend.kv_events import KvEventFeed
-from tokenmill.frontend.kv_policy import KvRouterPolicy
-from tokenmill.frontend.replicas import ReplicaSync
+from tokenmill.routing.kv_events import KvEventFeed
+from tokenmill.routing.kv_policy import KvRouterPolicy
+from tokenmill.routing.replicas import ReplicaSync
 from tokenmill.runtime.interface import EndpointId
 from tokenmill.runtime.kv_wire import KV_REPLAY_ENDPOINT, KvReplayRequest, replay_instance_id
 from tokenmill.runtime.nats_runtime import NatsRuntime, NatsRuntimeConfig

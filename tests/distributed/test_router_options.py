@@ -9,11 +9,11 @@ from distributed_procs import make_tiny_hf_model  # noqa: F401  (sys.path for ti
 from tokenmill.core.request import EngineRequest
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.frontend.app import FrontendConfig
-from tokenmill.frontend.dispatch import RoundRobinPolicy
-from tokenmill.frontend.kv_policy import KvRouterPolicy
 from tokenmill.frontend.preprocess import ServedModel
-from tokenmill.frontend.schemas import RouterOptions
 from tokenmill.launch.cmd_serve import assemble_stack
+from tokenmill.routing.dispatch import RoundRobinPolicy
+from tokenmill.routing.kv_policy import KvRouterPolicy
+from tokenmill.routing.options import RouterOptions
 from tokenmill.worker.echo_engine import EchoConfig, EchoEngine
 
 
@@ -58,7 +58,7 @@ async def test_pinning_needs_the_server_flag(tiny_model_dir):
 
 
 async def test_remote_route_policy_skips_a_failed_router_replica():
-    from tokenmill.frontend.remote_router import RemoteRoutePolicy, RouteDecision, route_endpoint
+    from tokenmill.routing.remote_router import RemoteRoutePolicy, RouteDecision, route_endpoint
     from tokenmill.runtime.inprocess import InProcessRuntime
     from tokenmill.runtime.interface import InstanceFailedError
 

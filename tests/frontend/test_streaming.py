@@ -17,13 +17,13 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from tokenmill.core.errors import RequestAbortedError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 from tokenmill.core.sampling import SamplingParams
-from tokenmill.frontend.kv_policy import KvRouterPolicy
 from tokenmill.frontend.metrics import FastHistogram, FrontendMetrics
 from tokenmill.frontend.preprocess import ServedModel
-from tokenmill.frontend.replicas import ReplicaSync
 from tokenmill.frontend.responses import ResponseMeta, StreamFormatter, Usage, sse
 from tokenmill.frontend.serving import ChoiceEvent, ChoiceStream, MergedStream, ServeContext
 from tokenmill.frontend.sse import SSE_DONE, SSEResponse
+from tokenmill.routing.kv_policy import KvRouterPolicy
+from tokenmill.routing.replicas import ReplicaSync
 from tokenmill.runtime.kv_wire import RouteEvent
 
 

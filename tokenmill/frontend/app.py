@@ -29,7 +29,6 @@ from starlette.types import Receive, Scope, Send
 
 from tokenmill.core.errors import TokenmillError
 from tokenmill.frontend import errors
-from tokenmill.frontend.dispatch import Dispatcher
 from tokenmill.frontend.metrics import FrontendMetrics
 from tokenmill.frontend.preprocess import (
     ServedModel,
@@ -53,6 +52,7 @@ from tokenmill.frontend.serving import (
     open_streams,
 )
 from tokenmill.frontend.sse import SSE_DONE, SSEResponse, cancel_on_disconnect
+from tokenmill.routing.dispatch import Dispatcher
 from tokenmill.runtime.wire import WorkerLoad
 
 log = logging.getLogger(__name__)

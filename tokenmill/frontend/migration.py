@@ -25,7 +25,7 @@ import msgspec
 
 from tokenmill.core.errors import RequestAbortedError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
-from tokenmill.frontend.dispatch import Dispatcher
+from tokenmill.routing.dispatch import Dispatcher
 from tokenmill.runtime.interface import InstanceFailedError, NoInstancesError, ResponseStream
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ class PreparedRequest:
     include_usage: bool
     cache_salt: str | None
     priority: int
-    router: Any = None  # schemas.RouterOptions: per-request router knobs / pin
+    router: Any = None  # options.RouterOptions: per-request router knobs / pin
 
 
 def prepare_chat(model: ServedModel, req: ChatCompletionRequest) -> PreparedRequest:

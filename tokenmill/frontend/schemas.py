@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from tokenmill.core.errors import InvalidRequestError
+from tokenmill.routing.options import RouterOptions
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
@@ -29,21 +30,6 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = False
-
-
-class RouterOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Per-request router knobs (extra field ``router``): the cost policy's knobs, and
-    ``worker_id`` (an instance id) to pin the request, allowed only with ``--allow-pinning``."""
-
-    temperature: float | None = None
-    prefill_load_scale: float | None = None
-    decode_weight: float | None = None
-    lower_tier_credit: float | None = None  # overlap credit for blocks in lower tiers
-    worker_id: str | None = None
-
-    def knobs(self) -> dict[str, float]:
-        names = ("temperature", "prefill_load_scale", "decode_weight", "lower_tier_credit")
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
 
 class _CommonRequest(msgspec.Struct, kw_only=True):

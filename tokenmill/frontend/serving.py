@@ -27,10 +27,10 @@ import msgspec
 from tokenmill.core.detokenize import IncrementalDetokenizer
 from tokenmill.core.errors import RequestAbortedError, TokenmillError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
-from tokenmill.frontend.dispatch import Dispatcher
 from tokenmill.frontend.metrics import FrontendMetrics
 from tokenmill.frontend.migration import DEFAULT_MIGRATION_LIMIT, MigratingStream
 from tokenmill.frontend.preprocess import PreparedRequest, ServedModel
+from tokenmill.routing.dispatch import Dispatcher
 
 
 class EngineError(TokenmillError):
@@ -104,7 +104,7 @@ async def open_streams(
     ctx: ServeContext, requests: list[EngineRequest], arrival: float, router: Any = None
 ) -> list[ChoiceStream]:
     """Routes every request now (so shedding happens before any response is sent);
-    ``router``: per-request router options (``schemas.RouterOptions``) for the policy."""
+    ``router``: per-request router options (``options.RouterOptions``) for the policy."""
     streams: list[ChoiceStream] = []
     try:
         for index, request in enumerate(requests):

@@ -90,10 +90,10 @@ class RemoteStack:
 async def route_policy(args: argparse.Namespace, runtime, client, block_size: int):
     """Round robin, or the KV router fed by the workers' KV events (``KvEventFeed``) and
     sharing in-flight state with other replicas (``ReplicaSync``); returns (policy, parts)."""
-    from tokenmill.frontend.dispatch import RoundRobinPolicy
+    from tokenmill.routing.dispatch import RoundRobinPolicy
 
     if getattr(args, "remote_router", False):
-        from tokenmill.frontend.remote_router import (
+        from tokenmill.routing.remote_router import (
             RemoteRoutePolicy,
             RouteDecision,
             route_endpoint,
@@ -108,9 +108,9 @@ async def route_policy(args: argparse.Namespace, runtime, client, block_size: in
 
 async def kv_policy_parts(args: argparse.Namespace, runtime, client, block_size: int):
     """``KvRouterPolicy`` + its ``KvEventFeed`` and ``ReplicaSync`` (started)."""
-    from tokenmill.frontend.kv_events import KvEventFeed
-    from tokenmill.frontend.kv_policy import KvRouterPolicy
-    from tokenmill.frontend.replicas import ReplicaSync
+    from tokenmill.routing.kv_events import KvEventFeed
+    from tokenmill.routing.kv_policy import KvRouterPolicy
+    from tokenmill.routing.replicas import ReplicaSync
 
     policy = KvRouterPolicy.create(args.router_mode, block_size, events=True)
     feed = KvEventFeed(runtime, client, policy)

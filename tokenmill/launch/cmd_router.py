@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     from tokenmill.core.request import RequestOutput
-    from tokenmill.frontend.models import ModelView
-    from tokenmill.frontend.remote_router import RouterService
     from tokenmill.launch.cmd_frontend import DEFAULT_COMPONENT, kv_policy_parts
     from tokenmill.launch.cmd_worker import _wait_for_signal, runtime_config
+    from tokenmill.routing.models import ModelView
+    from tokenmill.routing.remote_router import RouterService
     from tokenmill.runtime.interface import EndpointId
     from tokenmill.runtime.nats_runtime import NatsRuntime
 

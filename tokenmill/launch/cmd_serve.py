@@ -153,8 +153,8 @@ async def assemble_stack(engine: Any, model: Any, config: Any, policy: Any = Non
     """Worker over ``engine`` on a fresh in-process runtime, dispatcher, load tracker, app.
     Call inside the event loop that will serve it."""
     from tokenmill.frontend.app import build_app
-    from tokenmill.frontend.dispatch import Dispatcher
     from tokenmill.frontend.loads import LoadTracker
+    from tokenmill.routing.dispatch import Dispatcher
     from tokenmill.runtime.inprocess import InProcessRuntime
     from tokenmill.worker.worker import Worker, WorkerConfig
 
@@ -169,11 +169,11 @@ async def assemble_stack(engine: Any, model: Any, config: Any, policy: Any = Non
 
 
 def _route_policy(args: argparse.Namespace):
-    from tokenmill.frontend.dispatch import RoundRobinPolicy
+    from tokenmill.routing.dispatch import RoundRobinPolicy
 
     if args.router_mode == "round-robin":
         return RoundRobinPolicy()
-    from tokenmill.frontend.kv_policy import KvRouterPolicy
+    from tokenmill.routing.kv_policy import KvRouterPolicy
 
     block_size = engine_settings(args, ENGINE_DEFAULTS[args.engine]).block_size
     return KvRouterPolicy.create(args.router_mode, block_size)

@@ -1,7 +1,7 @@
 """Serves every model a worker registers: ``ModelWatcher`` watches the workers' model cards
 in discovery and, for each model name not served yet, fetches its tokenizer blob and adds it
 to the frontend with a dispatcher (and router, per ``--router-mode``) over that model's
-workers only (``frontend.models.ModelView``). A model whose last worker is gone stays known
+workers only (``routing.models.ModelView``). A model whose last worker is gone stays known
 but is no longer listed by ``/v1/models``; its requests get 503 until a worker returns."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ async def served_model(runtime: Any, card: ModelCard) -> Any:
 
 async def model_dispatcher(args: Any, runtime: Any, client: Any, card: ModelCard):
     """(Dispatcher over ``card.model``'s instances, parts to stop)."""
-    from tokenmill.frontend.dispatch import Dispatcher
-    from tokenmill.frontend.models import ModelView
     from tokenmill.launch.cmd_frontend import route_policy
+    from tokenmill.routing.dispatch import Dispatcher
+    from tokenmill.routing.models import ModelView
 
     view = ModelView(client, card.model)
     policy, parts = await route_policy(args, runtime, view, card.block_size)

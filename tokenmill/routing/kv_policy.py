@@ -79,7 +79,7 @@ class KvRouterPolicy:
     async def select(
         self, request: EngineRequest, instance_ids: list[str], overrides: Any = None
     ) -> str:
-        """``overrides``: per-request ``schemas.RouterOptions`` (knobs, pinned instance)."""
+        """``overrides``: per-request ``options.RouterOptions`` (knobs, pinned instance)."""
         self._sync_workers(instance_ids)
         prompt = request.prompt_token_ids
         hashes = block_hashes(prompt, self.router.config.block_size, request.cache_salt)
@@ -97,7 +97,7 @@ class KvRouterPolicy:
         return instance_id
 
     def _overrides(self, options: Any) -> RouteOverrides | None:
-        """``schemas.RouterOptions`` -> the router's ``RouteOverrides`` (pin by instance id,
+        """``options.RouterOptions`` -> the router's ``RouteOverrides`` (pin by instance id,
         policy knobs over the mode's defaults)."""
         if options is None:
             return None

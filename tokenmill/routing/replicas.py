@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 
-from tokenmill.frontend.kv_policy import KvRouterPolicy
+from tokenmill.routing.kv_policy import KvRouterPolicy
 from tokenmill.runtime.interface import Runtime
 from tokenmill.runtime.kv_wire import ROUTE_TOPIC, RouteEvent
 

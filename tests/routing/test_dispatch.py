@@ -9,10 +9,10 @@ import pytest
 
 from tokenmill.core.errors import OverloadedError
 from tokenmill.core.request import EngineRequest
-from tokenmill.frontend.dispatch import RoundRobinPolicy
-from tokenmill.frontend.kv_policy import KvRouterPolicy
 from tokenmill.router.queue import QueueConfig
 from tokenmill.router.router import KvRouter, RouterConfig
+from tokenmill.routing.dispatch import RoundRobinPolicy
+from tokenmill.routing.kv_policy import KvRouterPolicy
 
 
 def req(rid: str, prompt: list[int]) -> EngineRequest:

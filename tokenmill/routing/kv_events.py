@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tokenmill.core.events import KvEvent
-from tokenmill.frontend.kv_policy import KvRouterPolicy
+from tokenmill.routing.kv_policy import KvRouterPolicy
 from tokenmill.runtime.interface import EndpointClient, EndpointId, Runtime
 from tokenmill.runtime.kv_wire import (
     KV_REPLAY_ENDPOINT,

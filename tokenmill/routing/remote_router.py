@@ -20,8 +20,8 @@ from typing import Any
 import msgspec
 
 from tokenmill.core.request import EngineRequest
-from tokenmill.frontend.kv_policy import KvRouterPolicy
-from tokenmill.frontend.schemas import RouterOptions
+from tokenmill.routing.kv_policy import KvRouterPolicy
+from tokenmill.routing.options import RouterOptions
 from tokenmill.runtime.interface import (
     EndpointClient,
     EndpointId,
