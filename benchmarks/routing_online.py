@@ -7,7 +7,7 @@ the frontend with its router), drive it with ``tokenmill bench serve --format mo
 --window 0:W`` (token-id prompts through /v1/completions, ignore_eos, so prompt and output
 lengths are the trace's), stop it; then ``tokenmill replay`` on the first N requests (N = the
 number of trace requests with timestamp < W s) at the same speed. Both sides run with their
-defaults, which are the same engine (``engine_args.MOCKER_DEFAULTS``: block size 64, 16,384
+defaults, which are the same engine (``launch.specs.MOCKER_DEFAULTS``: block size 64, 16,384
 blocks per worker, 8,192 batched tokens, 256 sequences, watermark 0.01); the live mocker
 ends each step on its simulated deadline (``engine.mocker.StepPacer``).
 
@@ -52,7 +52,7 @@ from pathlib import Path
 from serve_helpers import free_port, wait_model
 
 from tokenmill.bench.metrics import distribution, percentile
-from tokenmill.launch.engine_args import MOCKER_DEFAULTS
+from tokenmill.launch.specs import MOCKER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/data/traces/conversation_trace.jsonl")

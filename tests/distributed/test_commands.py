@@ -14,7 +14,7 @@ import time
 import httpx
 from distributed_procs import Proc, free_port
 
-from tokenmill.launch.engine_args import MOCKER_DEFAULTS
+from tokenmill.launch.specs import MOCKER_DEFAULTS
 
 
 async def test_worker_router_frontend_processes_serve_with_kv_routing(nats_server, tiny_model_dir):

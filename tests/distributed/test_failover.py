@@ -19,7 +19,7 @@ import httpx
 import pytest
 from distributed_procs import Serve, expected_text, pid_gone
 
-from tokenmill.launch.engine_args import MOCKER_DEFAULTS
+from tokenmill.launch.specs import MOCKER_DEFAULTS
 from tokenmill.runtime.interface import EndpointId
 from tokenmill.runtime.nats_runtime import NatsRuntime
 

@@ -213,14 +213,14 @@ async def test_two_router_replicas_spread_load_instead_of_herding(nats_server):
 async def test_worker_puts_its_tokenizer_blob_back_after_nats_loses_its_store(
     nats_server, monkeypatch
 ):
-    from tokenmill.launch import cmd_worker
+    from tokenmill.launch import worker_service
 
-    monkeypatch.setattr(cmd_worker, "BLOB_CHECK_S", 0.05)
+    monkeypatch.setattr(worker_service, "BLOB_CHECK_S", 0.05)
     runtime = await NatsRuntime.connect(nats_server.url)
     keeper = None
     try:
         await runtime.put_blob("tokenizer-x", b"blob")
-        keeper = asyncio.create_task(cmd_worker._keep_blob(runtime, "tokenizer-x", b"blob"))
+        keeper = asyncio.create_task(worker_service.keep_blob(runtime, "tokenizer-x", b"blob"))
         await asyncio.to_thread(nats_server.restart, True)  # store wiped
         await runtime.wait_reconnected(1, 30)
 

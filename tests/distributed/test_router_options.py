@@ -10,7 +10,7 @@ from tokenmill.core.request import EngineRequest
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.frontend.app import FrontendConfig
 from tokenmill.frontend.preprocess import ServedModel
-from tokenmill.launch.cmd_serve import assemble_stack
+from tokenmill.launch.stacks import assemble_local_stack as assemble_stack
 from tokenmill.routing.dispatch import RoundRobinPolicy
 from tokenmill.routing.kv_policy import KvRouterPolicy
 from tokenmill.routing.options import RouterOptions

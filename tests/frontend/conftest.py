@@ -106,7 +106,7 @@ def real_server(tiny_model_dir) -> Iterator[ServerProcess]:
 
 
 class InProcessServer:
-    """A stack (from ``cmd_serve.assemble_stack``) served by uvicorn in the test's loop."""
+    """A stack (from ``stacks.assemble_local_stack``) served by uvicorn in the test's loop."""
 
     def __init__(self, stack):
         import uvicorn

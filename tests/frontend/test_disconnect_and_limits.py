@@ -14,7 +14,7 @@ from tokenmill.core.errors import OverloadedError
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.frontend.app import FrontendConfig
 from tokenmill.frontend.preprocess import ServedModel
-from tokenmill.launch.cmd_serve import assemble_stack
+from tokenmill.launch.stacks import assemble_local_stack as assemble_stack
 from tokenmill.worker.echo_engine import EchoConfig, EchoEngine
 
 LONG = {"model": "tiny", "prompt": "count with me " * 4, "max_tokens": 200}

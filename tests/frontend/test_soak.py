@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import random
@@ -21,14 +20,16 @@ from conftest import InProcessServer, running_server
 
 from tokenmill.frontend.app import FrontendConfig
 from tokenmill.frontend.preprocess import ServedModel
-from tokenmill.launch.cmd_serve import _mocker_engine, assemble_stack
+from tokenmill.launch.engines import build_engine
+from tokenmill.launch.specs import MOCKER_DEFAULTS, EngineSpec
+from tokenmill.launch.stacks import assemble_local_stack as assemble_stack
 
 pytestmark = pytest.mark.soak
 NUM_REQUESTS = 10_000
 
 
-def mocker_args(model_dir, speedup: float) -> argparse.Namespace:
-    return argparse.Namespace(model=str(model_dir), mocker_speedup=speedup, context_length=None)
+def mocker_spec(model_dir, speedup: float) -> EngineSpec:
+    return EngineSpec("mocker", str(model_dir), settings=MOCKER_DEFAULTS, mocker_speedup=speedup)
 
 
 async def stream_and_cancel(session, url: str, i: int, rng: random.Random) -> None:
@@ -44,8 +45,9 @@ async def stream_and_cancel(session, url: str, i: int, rng: random.Random) -> No
 
 
 async def test_random_cancellations_leak_nothing(tiny_model_dir):
-    engine, tokenizer, context, _ = _mocker_engine(mocker_args(tiny_model_dir, 200.0))
-    stack = await assemble_stack(engine, ServedModel("tiny", tokenizer, context), FrontendConfig())
+    built = build_engine(mocker_spec(tiny_model_dir, 200.0))
+    model = ServedModel("tiny", built.tokenizer, built.context_length)
+    stack = await assemble_stack(built.engine, model, FrontendConfig())
     rng = random.Random(0)
     tracemalloc.start()
     async with InProcessServer(stack) as server:
@@ -63,21 +65,21 @@ async def test_random_cancellations_leak_nothing(tiny_model_dir):
                 await asyncio.gather(*[one(batch * 1000 + i) for i in range(1000)])
                 await asyncio.wait_for(stack.worker.wait_idle(), 30)
                 async with asyncio.timeout(30):
-                    while engine.stats()["num_running"] or engine.stats()["kv_usage"]:
+                    while built.engine.stats()["num_running"] or built.engine.stats()["kv_usage"]:
                         await asyncio.sleep(0.01)
                 gc.collect()
                 snapshots.append((len(asyncio.all_tasks()), tracemalloc.get_traced_memory()[0]))
     tracemalloc.stop()
-    engine.core.check_integrity()
+    built.engine.core.check_integrity()
     print("tasks, traced bytes per 1000 requests:", snapshots)
     assert snapshots[-1][0] <= snapshots[0][0]
     # The engine's prefix cache fills its pool during the first few thousand requests; after
     # that, memory must stay flat (a leak of even 100 bytes per request would show).
     growth = snapshots[-1][1] - snapshots[len(snapshots) // 2][1]
     assert growth < 512 * 1024, snapshots
-    await_free = engine.stats()
+    await_free = built.engine.stats()
     assert await_free["kv_usage"] == 0 and await_free["num_running"] == 0
-    engine.shutdown()
+    built.engine.shutdown()
 
 
 def test_ten_thousand_requests_at_concurrency_256_have_no_errors(tiny_model_dir):

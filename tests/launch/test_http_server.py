@@ -4,15 +4,16 @@ connection stays open (``--timeout-keep-alive``, longer than common client pools
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import pytest
 import uvloop
 
-from tokenmill.launch import cmd_frontend, event_loop
+from tokenmill.launch import event_loop, processes
 from tokenmill.launch.cli import build_parser
-from tokenmill.launch.cmd_serve import KEEP_ALIVE_S, make_server
+from tokenmill.launch.flags import KEEP_ALIVE_S
+from tokenmill.launch.http_server import make_server
+from tokenmill.launch.specs import EngineSpec, FleetSpec, HttpSpec
 
 
 @pytest.mark.parametrize("command", [["serve", "--model", "m"], ["frontend", "--nats", "n"]])
@@ -32,15 +33,14 @@ def test_workers_and_routers_default_to_uvloop(command: list[str]):
     assert build_parser().parse_args([*command, "--event-loop", "asyncio"]).event_loop == "asyncio"
 
 
-def test_serve_passes_the_worker_event_loop_to_its_workers(monkeypatch):
-    spawned: list[list[str]] = []
-    monkeypatch.setattr(cmd_frontend.subprocess, "Popen", lambda argv, **kw: spawned.append(argv))
+def test_serve_passes_the_worker_event_loop_to_its_workers():
     base = ["serve", "--engine", "mocker", "--model", "m", "--workers", "2"]
     for flags, expected in (([], "uvloop"), (["--worker-event-loop", "asyncio"], "asyncio")):
         args = build_parser().parse_args(base + flags)
-        assert args.event_loop == "asyncio"  # the frontend's own loop is a separate flag
-        cmd_frontend.spawn_worker(args, "nats://127.0.0.1:1", 0)
-        worker = build_parser().parse_args(spawned[-1][spawned[-1].index("worker") :])
+        assert HttpSpec.from_args(args).event_loop == "asyncio"  # the frontend's own loop
+        spec, fleet = EngineSpec.from_args(args), FleetSpec.from_args(args)
+        argv = processes.worker_argv(spec, fleet.worker, "nats://127.0.0.1:1")
+        worker = build_parser().parse_args(argv[argv.index("worker") :])
         assert worker.event_loop == expected
 
 
@@ -74,9 +74,8 @@ async def _hello(scope, receive, send) -> None:
 
 async def _idle_connection_closed_after(keep_alive_s: float, idle_s: float) -> bool:
     """One request on a keep-alive connection, ``idle_s`` of silence: did the server close it?"""
-    args = argparse.Namespace(host="127.0.0.1", port=0, shutdown_timeout=1.0,
-                              timeout_keep_alive=keep_alive_s)  # fmt: skip
-    server = make_server(_hello, args)
+    http = HttpSpec("127.0.0.1", 0, timeout_keep_alive_s=keep_alive_s, shutdown_timeout_s=1.0)
+    server = make_server(_hello, http)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

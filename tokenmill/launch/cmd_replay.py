@@ -2,7 +2,7 @@
 
 Defaults equal Dynamo's offline replay anchor (block size 64, trace block size 512, 16,384 KV
 blocks per worker, max_num_seqs 256, max_num_batched_tokens 8,192, watermark 0.01, chunked
-prefill and prefix caching on); the engine ones are ``engine_args.MOCKER_DEFAULTS``, which
+prefill and prefix caching on); the engine ones are ``specs.MOCKER_DEFAULTS``, which
 live mocker workers (``serve``/``worker --engine mocker``) use too. Writes the report JSON to
 ``--output`` (and prints a one-line summary).
 """
@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.launch.engine_args import MOCKER_DEFAULTS as ENGINE
-from tokenmill.router.router import ROUTER_MODES
+from tokenmill.launch import flags
+from tokenmill.launch.specs import MOCKER_DEFAULTS
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("replay", help="simulate a trace on router + mocker workers")
     p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--router-mode", choices=ROUTER_MODES, default="kv")
+    flags.add_router_mode(p, default="kv")
     p.add_argument("--output", default=None, help="report JSON path")
     p.add_argument("--arrival-speed", type=float, default=1.0, help="divide arrival times by this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-requests", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=ENGINE.block_size)
+    flags.add_engine_settings(p, MOCKER_DEFAULTS)
     p.add_argument("--trace-block-size", type=int, default=512)
-    p.add_argument("--num-blocks", type=int, default=ENGINE.num_blocks, help="KV blocks per worker")
-    p.add_argument("--max-num-seqs", type=int, default=ENGINE.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=ENGINE.max_num_batched_tokens)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--watermark", type=float, default=ENGINE.watermark)
     p.add_argument("--timing-profile", default=None, help="JSON profile instead of the polynomial")
     p.add_argument("--prefill-load-scale", type=float, default=None)
     p.add_argument("--decode-weight", type=float, default=None)

@@ -12,18 +12,12 @@ they serve no HTTP, and with 8 mocker workers on asyncio's loop the serve proces
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 EVENT_LOOPS = ("asyncio", "uvloop")
 T = TypeVar("T")
-
-
-def add_event_loop_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=default,
-                   help=f"the asyncio event loop implementation (default {default})")  # fmt: skip
 
 
 def run(main: Coroutine[Any, Any, T], name: str) -> T:

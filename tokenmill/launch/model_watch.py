@@ -1,8 +1,9 @@
 """Serves every model a worker registers: ``ModelWatcher`` watches the workers' model cards
 in discovery and, for each model name not served yet, fetches its tokenizer blob and adds it
-to the frontend with a dispatcher (and router, per ``--router-mode``) over that model's
-workers only (``routing.models.ModelView``). A model whose last worker is gone stays known
-but is no longer listed by ``/v1/models``; its requests get 503 until a worker returns."""
+to the frontend with a dispatcher (and router) over that model's workers only
+(``routing.models.ModelView``), made by the stack's ``make_dispatcher``. A model whose last
+worker is gone stays known but is no longer listed by ``/v1/models``; its requests get 503
+until a worker returns."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenmill.launch.model_card import ModelCard, tokenizer_from_blob
 
 log = logging.getLogger(__name__)
+
+# card -> (Dispatcher over that model's instances, parts with an async stop())
+MakeDispatcher = Callable[[ModelCard], Awaitable[tuple[Any, list[Any]]]]
 
 
 async def served_model(runtime: Any, card: ModelCard) -> Any:
@@ -25,20 +30,13 @@ async def served_model(runtime: Any, card: ModelCard) -> Any:
     return ServedModel(card.model, tokenizer, card.context_length, int(time.time()))
 
 
-async def model_dispatcher(args: Any, runtime: Any, client: Any, card: ModelCard):
-    """(Dispatcher over ``card.model``'s instances, parts to stop)."""
-    from tokenmill.launch.cmd_frontend import route_policy
-    from tokenmill.routing.dispatch import Dispatcher
-    from tokenmill.routing.models import ModelView
-
-    view = ModelView(client, card.model)
-    policy, parts = await route_policy(args, runtime, view, card.block_size)
-    return Dispatcher(view, policy), parts
-
-
 class ModelWatcher:
-    def __init__(self, args: Any, runtime: Any, client: Any, front: Any):
-        self.args, self.runtime, self.client, self.front = args, runtime, client, front
+    """Adds each newly registered model to ``front`` (``frontend.app.Frontend``); ``stop()``
+    ends the watch and stops the parts of every dispatcher it made."""
+
+    def __init__(self, runtime: Any, client: Any, front: Any, make_dispatcher: MakeDispatcher):
+        self.runtime, self.client, self.front = runtime, client, front
+        self.make_dispatcher = make_dispatcher
         self.parts: list[Any] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -66,7 +64,7 @@ class ModelWatcher:
     async def _add(self, card: ModelCard) -> None:
         try:
             model = await served_model(self.runtime, card)
-            dispatcher, parts = await model_dispatcher(self.args, self.runtime, self.client, card)
+            dispatcher, parts = await self.make_dispatcher(card)
         except Exception as exc:  # a missing blob: the next instance of the model retries
             log.warning("frontend: cannot serve model %r yet: %s", card.model, exc)
             return

@@ -1,0 +1,146 @@
+"""The engine registry: engine kind name -> builder of a ready engine from an ``EngineSpec``.
+
+Kinds: ``real`` (the model, ``engine.builder.build_real_core``), ``mocker`` (the real scheduler
+and block pool with simulated step times, paced to wall time), ``echo`` (a zero-cost engine for
+serving-path tests and benchmarks). A later backend registers itself with ``@register``.
+Builders block (loading weights): call ``build_engine`` off the event loop. Heavy imports
+(torch) stay inside the builders, so registering and parsing flags stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.core.events import KvEventSink, null_sink
+from tokenmill.launch.specs import EngineSettings, EngineSpec
+
+MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """A ready engine (``worker.protocol.EngineClient``) and what its worker advertises."""
+
+    engine: Any
+    tokenizer: Any  # engine.tokenizer.Tokenizer
+    context_length: int
+    model_name: str  # the name clients use (``--served-model-name`` or the model's)
+    block_size: int  # KV block size: the router hashes prompts with it
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    build: Callable[[EngineSpec, KvEventSink], BuiltEngine]
+    publishes_kv_events: bool  # False: the engine has no KV cache (routers get no events)
+
+
+ENGINES: dict[str, EngineKind] = {}
+
+
+def register(name: str, *, publishes_kv_events: bool = True):
+    """Decorator: ``build(spec, event_sink) -> BuiltEngine`` becomes engine kind ``name``."""
+
+    def add(build: Callable[[EngineSpec, KvEventSink], BuiltEngine]):
+        ENGINES[name] = EngineKind(build, publishes_kv_events)
+        return build
+
+    return add
+
+
+def build_engine(spec: EngineSpec, event_sink: KvEventSink = null_sink) -> BuiltEngine:
+    """The engine ``spec`` describes; its block pool's KV events go to ``event_sink`` (from
+    the engine thread). Raises ``ModelLoadError`` naming the file for a bad model."""
+    built = ENGINES[spec.kind].build(spec, event_sink)
+    if spec.served_model_name is None:
+        return built
+    return dataclasses.replace(built, model_name=spec.served_model_name)
+
+
+def scheduler_config(settings: EngineSettings, context_length: int) -> Any:
+    """The ``SchedulerConfig`` of ``settings`` for ``context_length``."""
+    from tokenmill.engine.config import SchedulerConfig
+
+    return SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=context_length,
+        watermark=settings.watermark,
+    )
+
+
+@register("real")
+def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
+    from tokenmill.engine.builder import build_async_engine, build_real_core
+    from tokenmill.engine.config import CacheConfig
+    from tokenmill.engine.loader import load_model
+
+    s = spec.settings
+    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    cache = None if s.num_blocks is None else CacheConfig(s.block_size, s.num_blocks)
+    context = spec.context_length or loaded.config.max_position_embeddings
+    # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
+    # strings, so the engine thread does not do it too.
+    core = build_real_core(loaded, scheduler_config(s, context), cache=cache,
+                           block_size=s.block_size, decode=False, event_sink=event_sink)  # fmt: skip
+    engine = build_async_engine(core, spec.stream_interval_s)
+    return BuiltEngine(engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size)
+
+
+@register("mocker")
+def _mocker(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
+    from tokenmill.engine.builder import build_async_engine, build_mock_core
+    from tokenmill.engine.config import CacheConfig
+    from tokenmill.engine.mocker import StepPacer
+
+    s = spec.settings
+    assert s.num_blocks is not None, "the mocker's pool size has a default"
+    tokenizer, context, name = read_tokenizer(spec.model)
+    context = spec.context_length or max(context, MOCKER_MIN_CONTEXT)
+    # The mocker's tokens are arbitrary ids: no EOS, so lengths follow max_tokens.
+    core = build_mock_core(CacheConfig(s.block_size, s.num_blocks), scheduler_config(s, context),
+                           pacer=StepPacer(spec.mocker_speedup), vocab_size=tokenizer.vocab_size,
+                           event_sink=event_sink)  # fmt: skip
+    engine = build_async_engine(core, spec.stream_interval_s)
+    return BuiltEngine(engine, tokenizer, core.max_model_len, name, s.block_size)
+
+
+@register("echo", publishes_kv_events=False)
+def _echo(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
+    from tokenmill.worker.echo_engine import EchoConfig, EchoEngine
+
+    tokenizer, context, name = read_tokenizer(spec.model)
+    config = EchoConfig(token_delay_s=spec.echo_delay_s, eos_token_ids=tokenizer.eos_token_ids)
+    context = spec.context_length or context
+    return BuiltEngine(EchoEngine(config), tokenizer, context, name, spec.settings.block_size)
+
+
+def read_tokenizer(model: str | None) -> tuple[Any, int, str]:
+    """(tokenizer, context length, name) of a model without loading its weights."""
+    from tokenmill.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+    from tokenmill.engine.tokenizer import Tokenizer
+
+    path = default_model_path() if model is None else Path(model).expanduser()
+    name = DEFAULT_MODEL_NAME if model is None else path.name
+    if path.is_dir():
+        from tokenmill.engine.models.hf_loader import read_hf_config
+
+        return Tokenizer.from_hf_dir(path), read_hf_config(path).max_position_embeddings, name
+    from tokenmill.engine.models.gguf_loader import read_gguf_meta
+
+    meta = read_gguf_meta(path)
+    context = int(meta.fields.get(f"{meta.architecture}.context_length", 2048))
+    return Tokenizer.from_gguf(meta), context, name
+
+
+def pacing_note(engine: Any) -> str:
+    """How many of a live mocker's steps ran late (", mocker pacing: ..."); "" for other
+    engines."""
+    pacer = getattr(getattr(getattr(engine, "core", None), "executor", None), "pacer", None)
+    if pacer is None:
+        return ""
+    return (f", mocker pacing: {pacer.num_steps} steps, {pacer.num_late} late, "
+            f"{pacer.late_s:.3f} s late in total")  # fmt: skip

@@ -1,0 +1,128 @@
+"""Every flag the serving commands share, defined once with its default, in one group per
+concern. A ``cmd_*`` module adds the groups it needs; ``specs.py`` turns the parsed flags into
+typed, frozen specs at the border, so nothing past it (and nothing outside ``launch/``) sees an
+``argparse.Namespace``.
+
+The engine settings flags (``--block-size`` ... ``--watermark``) default to None for ``serve``
+and ``worker``, meaning "this engine's default" (``specs.ENGINE_DEFAULTS``); ``replay`` passes
+the mocker's defaults, so a live mocker fleet and a replay simulate the same engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.launch.event_loop import EVENT_LOOPS
+from tokenmill.launch.specs import MOCKER_DEFAULTS, EngineSettings
+from tokenmill.router.router import ROUTER_MODES
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+# Longer than the idle timeout of common client pools (aiohttp 15 s, httpx 5 s, load
+# balancers 60 s): the client closes an idle connection first. With uvicorn's 5 s a client
+# could reuse a connection the server was closing, and that request failed
+# (``connection_dropped`` in tokenmill bench serve).
+KEEP_ALIVE_S = 65.0
+ENGINE_KINDS = ("real", "mocker", "echo")  # == engines.ENGINES (a test checks)
+KV_ROUTER_MODES = tuple(m for m in ROUTER_MODES if m != "round-robin")
+
+Parser = argparse.ArgumentParser
+
+
+def add_event_loop(p: Parser, default: str) -> None:
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=default,
+                   help=f"the asyncio event loop implementation (default {default})")  # fmt: skip
+
+
+def add_model(p: Parser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use")
+    p.add_argument("--context-length", type=int, default=None, help="override the model's")
+
+
+def add_engine(p: Parser) -> None:
+    """The engine of ``serve`` / ``worker``: kind, model, device, pacing and KV settings."""
+    p.add_argument("--engine", choices=ENGINE_KINDS, default="real",
+                   help="real model, simulated (mocker), or zero-cost echo")  # fmt: skip
+    add_model(p)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--mocker-speedup", type=float, default=1.0, help="mocker time compression")
+    p.add_argument("--echo-delay", type=float, default=0.0, help="echo engine s per step")
+    p.add_argument("--stream-interval-ms", type=float, default=1.0,
+                   help="after an output is sent, how long later outputs of the engine may "
+                   "wait to be sent together (0: every step's outputs at once)")  # fmt: skip
+    add_engine_settings(p)
+
+
+def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> None:
+    """KV pool and step limits. ``defaults`` None: each engine's own (the flags default to
+    None); else these values (``replay``: ``MOCKER_DEFAULTS``)."""
+    def d(name: str) -> int | float | None:
+        return None if defaults is None else getattr(defaults, name)
+
+    m = MOCKER_DEFAULTS
+    p.add_argument("--block-size", type=int, default=d("block_size"),
+                   help=f"tokens per KV block (mocker {m.block_size}, real 16)")  # fmt: skip
+    p.add_argument("--num-blocks", type=int, default=d("num_blocks"),
+                   help=f"KV blocks per worker (mocker {m.num_blocks}, real: from memory)")  # fmt: skip
+    p.add_argument("--max-num-batched-tokens", type=int, default=d("max_num_batched_tokens"),
+                   help=f"tokens per step (mocker {m.max_num_batched_tokens}, real 2048)")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=int, default=d("max_num_seqs"),
+                   help=f"running requests per step ({m.max_num_seqs})")  # fmt: skip
+    p.add_argument("--watermark", type=float, default=d("watermark"),
+                   help=f"pool fraction kept free at admission (mocker {m.watermark}, real 0)")  # fmt: skip
+
+
+def add_http(p: Parser) -> None:
+    """The HTTP server of ``serve`` / ``frontend``."""
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    add_event_loop(p, "asyncio")
+    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle HTTP connection stays open")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="drain time on exit")
+
+
+def add_frontend(p: Parser) -> None:
+    """The OpenAI frontend's own settings (``frontend.app.FrontendConfig``)."""
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds; 504 after")
+    p.add_argument("--migration-limit", type=int, default=3, help="migrations per request")
+    p.add_argument("--allow-pinning", action="store_true",
+                   help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
+    p.add_argument("--request-log", metavar="PATH", default=None,
+                   help="append one JSON line per completion request: its stage times "
+                   "(body read, routed, first token, first write, end), status, token "
+                   "counts and workers")  # fmt: skip
+
+
+def add_router_mode(p: Parser, modes: tuple[str, ...] = ROUTER_MODES, default: str = "round-robin") -> None:
+    p.add_argument("--router-mode", choices=modes, default=default)
+
+
+def add_runtime(p: Parser, nats_help: str = "NATS server URL, e.g. nats://10.0.0.1:4222") -> None:
+    """The NATS runtime of ``worker`` / ``frontend`` / ``router`` (``--nats`` required)."""
+    p.add_argument("--nats", required=True, help=nats_help)
+    p.add_argument("--namespace", default="tokenmill")
+    p.add_argument("--listen-host", default="127.0.0.1", help="TCP request plane bind address")
+    p.add_argument("--advertise-host", default=None, help="address others dial (multi-host)")
+    p.add_argument("--plane-token", default="", help="shared token of the TCP request plane")
+    p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp")
+
+
+def add_fleet(p: Parser) -> None:
+    """``serve --workers N``: worker processes over NATS instead of one in-process engine."""
+    p.add_argument("--workers", type=int, default=0,
+                   help="N > 0: N worker processes over NATS (embedded unless --nats)")  # fmt: skip
+    p.add_argument("--nats", default=None, help="with --workers: an existing NATS server URL")
+    p.add_argument("--worker-event-loop", choices=EVENT_LOOPS, default="uvloop",
+                   help="with --workers: the worker processes' event loop")  # fmt: skip
+
+
+def add_worker(p: Parser) -> None:
+    """One worker process's identity and shutdown."""
+    p.add_argument("--instance-id", default=None, help="default: a random id")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+    add_event_loop(p, "uvloop")

@@ -1,0 +1,68 @@
+"""The HTTP-serving processes, each run until SIGINT/SIGTERM:
+
+- ``serve_local``: ``tokenmill serve``, frontend + router + one engine in this process;
+- ``serve_frontend``: ``tokenmill frontend``, the frontend over NATS for workers elsewhere;
+- ``serve_fleet``: ``tokenmill serve --workers N``, an embedded nats-server (unless the fleet
+  names one), N worker processes and the frontend here. The ready line lists their PIDs:
+  ``tokenmill: serving ... (nats URL pid P, worker pids A B)``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tokenmill.launch import event_loop
+from tokenmill.launch.http_server import serve_stack
+from tokenmill.launch.processes import alive_check, spawn_worker, stop_processes
+from tokenmill.launch.specs import EngineSpec, FleetSpec, HttpSpec, RouterSpec, RuntimeSpec
+from tokenmill.launch.stacks import build_local_stack, build_remote_stack
+
+
+def serve_local(engine: EngineSpec, http: HttpSpec, config: Any, router: RouterSpec) -> int:
+    """``config``: the ``FrontendConfig``."""
+    start = time.monotonic()
+
+    async def main() -> int:
+        stack = await build_local_stack(engine, config, router)
+        return await serve_stack(stack, http, start)
+
+    return event_loop.run(main(), http.event_loop)
+
+
+def serve_frontend(runtime: RuntimeSpec, http: HttpSpec, config: Any, router: RouterSpec) -> int:
+    start = time.monotonic()
+
+    async def main() -> int:
+        stack = await build_remote_stack(runtime, config, router)
+        return await serve_stack(stack, http, start)
+
+    return event_loop.run(main(), http.event_loop)
+
+
+def serve_fleet(engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any,
+                router: RouterSpec) -> int:  # fmt: skip
+    """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
+    stops the workers (SIGTERM, their drain time) and NATS."""
+    from tokenmill.runtime.nats_server import NatsServer
+
+    start = time.monotonic()
+    nats = None if fleet.nats_url else NatsServer().start()
+    url = fleet.nats_url if nats is None else nats.url
+    procs: list[Any] = []
+    try:
+        procs = [spawn_worker(engine, fleet.worker, url) for _ in range(fleet.num_workers)]
+        pids = " ".join(str(p.pid) for p in procs)
+        note = (f", nats {url} pid {nats.pid}" if nats else "") + f", worker pids {pids}"
+        check = alive_check(procs)
+
+        async def main() -> int:
+            stack = await build_remote_stack(RuntimeSpec(url), config, router,
+                                             fleet.num_workers, check)  # fmt: skip
+            return await serve_stack(stack, http, start, note)
+
+        return event_loop.run(main(), http.event_loop)
+    finally:
+        stop_processes(procs, fleet.worker.drain_timeout_s)
+        if nats is not None:
+            nats.stop()
