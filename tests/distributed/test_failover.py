@@ -101,7 +101,7 @@ async def wait_removed(watch, count: int) -> None:
 async def test_kill9_mid_stream_migrates_then_no_worker_is_a_clean_error(
     nats_server, tiny_model_dir, tokenizer
 ):
-    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url,
+    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url, "--worker-restarts", "0",
                   "--mocker-speedup", MOCKER_SPEEDUP).wait_ready()  # fmt: skip
     runtime, watch = await removal_watch(nats_server.url)
     killed_at: list[float] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,10 +66,12 @@ def make_server(app: Any, http: HttpSpec, drain: Drain | None = None) -> Any:
     return _Server(config)
 
 
-async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "") -> int:
-    """Serves ``stack.app`` until SIGINT/SIGTERM, then ``stack.close()``. Prints
-    ``tokenmill: serving 'MODEL' at URL (started in S s{note})`` once listening; returns 0, or
-    1 when the server never started (the port is taken, ...)."""
+async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "",
+                      fatal: asyncio.Future[str] | None = None) -> int:  # fmt: skip
+    """Serves ``stack.app`` until SIGINT/SIGTERM (or until ``fatal`` resolves: the server
+    shuts down as on SIGTERM and the reason goes to stderr), then ``stack.close()``. Prints
+    ``tokenmill: serving 'MODEL' at URL (started in S s{note})`` once listening. Returns 0
+    after a signal, 1 when the server never started (the port is taken, ...) or on ``fatal``."""
     server = make_server(stack.app, http, stack.drain)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
@@ -78,7 +81,12 @@ async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "") 
         print(f"tokenmill: serving {stack.model.name!r} at http://{http.host}:{http.port}/v1 "
               f"(started in {time.monotonic() - start:.2f} s{note})", flush=True)  # fmt: skip
     try:
+        if fatal is not None:
+            await asyncio.wait([task, fatal], return_when=asyncio.FIRST_COMPLETED)
+        if fatal is not None and fatal.done():
+            print(f"tokenmill: error: {fatal.result()}; stopping", file=sys.stderr, flush=True)
+            server.should_exit = True
         await task
     finally:
         await stack.close()
-    return 0 if server.started else 1
+    return 0 if server.started and not (fatal is not None and fatal.done()) else 1

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from tokenmill.core.errors import TokenmillError
 from tokenmill.launch.specs import EngineSpec, WorkerSpec
-from tokenmill.runtime.nats_server import _die_with_parent
+from tokenmill.runtime.nats_server import NatsServer, _die_with_parent
 
 Process = subprocess.Popen[bytes]
 
@@ -37,6 +37,45 @@ def spawn_worker(engine: EngineSpec, worker: WorkerSpec, nats_url: str) -> Proce
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     argv = worker_argv(engine, worker, nats_url)
     return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+
+class WorkerProcess:
+    """A ``tokenmill worker`` child that ``supervision.Supervisor`` can restart."""
+
+    def __init__(self, engine: EngineSpec, worker: WorkerSpec, nats_url: str, index: int):
+        self.name = f"worker {index}"
+        self._spawn = lambda: spawn_worker(engine, worker, nats_url)
+        self.proc = self._spawn()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def restart(self) -> None:
+        self.proc = self._spawn()
+
+
+class NatsProcess:
+    """The embedded nats-server as a supervised child: restarted on the same port with its
+    JetStream store (discovery buckets, blobs) kept, so clients simply reconnect."""
+
+    name = "nats-server"
+
+    def __init__(self, server: NatsServer):
+        self.server = server
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def poll(self) -> int | None:
+        return self.server.poll()
+
+    def restart(self) -> None:
+        self.server.restart()
 
 
 def alive_check(procs: Sequence[Process]) -> Callable[[], None]:

@@ -4,7 +4,8 @@
 - ``serve_frontend``: ``tokenmill frontend``, the frontend over NATS for workers elsewhere;
 - ``serve_fleet``: ``tokenmill serve --workers N``, an embedded nats-server (unless the fleet
   names one), N worker processes and the frontend here. The ready line lists their PIDs:
-  ``tokenmill: serving ... (nats URL pid P, worker pids A B)``.
+  ``tokenmill: serving ... (nats URL pid P, worker pids A B)``; dead workers (and the embedded
+  NATS) are restarted by ``supervision.Supervisor``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 from tokenmill.launch import event_loop
 from tokenmill.launch.http_server import serve_stack
-from tokenmill.launch.processes import alive_check, spawn_worker, stop_processes
+from tokenmill.launch.processes import NatsProcess, WorkerProcess, alive_check, stop_processes
 from tokenmill.launch.specs import EngineSpec, FleetSpec, HttpSpec, RouterSpec, RuntimeSpec
 from tokenmill.launch.stacks import build_local_stack, build_remote_stack
+from tokenmill.launch.supervision import Supervisor
 
 
 def serve_local(engine: EngineSpec, http: HttpSpec, config: Any, router: RouterSpec) -> int:
@@ -43,26 +45,34 @@ def serve_frontend(runtime: RuntimeSpec, http: HttpSpec, config: Any, router: Ro
 def serve_fleet(engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any,
                 router: RouterSpec) -> int:  # fmt: skip
     """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
-    stops the workers (SIGTERM, their drain time) and NATS."""
+    stops the workers (SIGTERM, their drain time) and NATS. Once serving, a ``Supervisor``
+    restarts a dead worker (or the embedded NATS) within ``fleet.restarts``; when it cannot,
+    the server stops and exits 1."""
     from tokenmill.runtime.nats_server import NatsServer
 
     start = time.monotonic()
     nats = None if fleet.nats_url else NatsServer().start()
     url = fleet.nats_url if nats is None else nats.url
-    procs: list[Any] = []
+    workers: list[WorkerProcess] = []
     try:
-        procs = [spawn_worker(engine, fleet.worker, url) for _ in range(fleet.num_workers)]
-        pids = " ".join(str(p.pid) for p in procs)
+        workers = [WorkerProcess(engine, fleet.worker, url, i) for i in range(fleet.num_workers)]
+        pids = " ".join(str(w.pid) for w in workers)
         note = (f", nats {url} pid {nats.pid}" if nats else "") + f", worker pids {pids}"
-        check = alive_check(procs)
+        check = alive_check([w.proc for w in workers])
 
         async def main() -> int:
             stack = await build_remote_stack(RuntimeSpec(url), config, router,
                                              fleet.num_workers, check)  # fmt: skip
-            return await serve_stack(stack, http, start, note)
+            children = [*workers, *([NatsProcess(nats)] if nats else [])]
+            supervisor = Supervisor(children, fleet.restarts)
+            supervisor.start()
+            try:
+                return await serve_stack(stack, http, start, note, supervisor.fatal)
+            finally:
+                await supervisor.stop()
 
         return event_loop.run(main(), http.event_loop)
     finally:
-        stop_processes(procs, fleet.worker.drain_timeout_s)
+        stop_processes([w.proc for w in workers], fleet.worker.drain_timeout_s)
         if nats is not None:
             nats.stop()

@@ -14,6 +14,8 @@ from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.launch.supervision import RestartPolicy
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -168,11 +170,13 @@ class FleetSpec:
     num_workers: int
     nats_url: str | None = None
     worker: WorkerSpec = WorkerSpec()
+    restarts: RestartPolicy = RestartPolicy()
 
     @classmethod
     def from_args(cls, args: Namespace) -> FleetSpec:
         worker = WorkerSpec(None, args.shutdown_timeout, args.worker_event_loop)
-        return cls(args.workers, args.nats, worker)
+        restarts = RestartPolicy(args.worker_restarts, args.restart_window)
+        return cls(args.workers, args.nats, worker, restarts)
 
 
 def frontend_config(args: Namespace) -> Any:

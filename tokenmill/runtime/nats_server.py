@@ -80,6 +80,11 @@ class NatsServer:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def poll(self) -> int | None:
+        """None while the process runs (or was never started), else its exit code (negative:
+        the signal that killed it); reaps it."""
+        return None if self._proc is None else self._proc.poll()
+
     def start(self) -> NatsServer:
         """Starts the process and waits until it accepts connections. Idempotent."""
         if self._proc is not None:
