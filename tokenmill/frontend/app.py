@@ -27,7 +27,6 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.core.errors import TokenmillError
 from tokenmill.frontend import errors
 from tokenmill.frontend.metrics import FrontendMetrics
 from tokenmill.frontend.preprocess import (
@@ -227,7 +226,7 @@ class Frontend:
                 if fmt.include_usage:
                     last += fmt.usage_chunk(usage)
                 self._count_usage(usage)
-            except TokenmillError as exc:
+            except Exception as exc:  # any error (not only tokenmill's), as classify maps it
                 last = sse(errors.classify(exc)[1])
                 stages.error = type(exc).__name__
             finally:

@@ -1,5 +1,15 @@
 """Exceptions -> OpenAI error JSON ``{"error": {"message", "type", "param", "code"}}`` and an
-HTTP status. Anything a client can cause maps to a 4xx; only server faults are 5xx."""
+HTTP status, in one place (``classify``). Anything a client can cause maps to a 4xx; only
+server faults are 5xx.
+
+The status, ``type`` and ``code`` come from the error's class in ``core.errors``' registry,
+the ``param`` from the error, so an error rebuilt from the wire (a worker in another
+process) answers exactly as the one raised in-process. ``HttpError`` is the frontend's own
+error (401, 404, 413, 499, a 400 of the HTTP layer): it never crosses a process, and sets
+the same attributes per instance. Anything else is an internal error naming only its class.
+503s carry ``Retry-After``: the error's own ``retry_after_s`` (a shed request), else the
+server's default.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +18,13 @@ from typing import Any
 
 import msgspec
 
-from tokenmill.core.errors import (
-    EngineDeadError,
-    InvalidRequestError,
-    OverloadedError,
-    RequestAbortedError,
-    TokenmillError,
-)
-from tokenmill.runtime.interface import (
-    DeadlineExceededError,
-    InstanceFailedError,
-    NoInstancesError,
-)
+from tokenmill.core.errors import TokenmillError, client_error
 
 log = logging.getLogger(__name__)
 
 
 class HttpError(TokenmillError):
-    """An error with its own status (401, 404, 413, ...)."""
+    """An error with its own status (401, 404, 413, ...); ``code`` is the error JSON's."""
 
     def __init__(
         self,
@@ -36,7 +35,7 @@ class HttpError(TokenmillError):
         code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type, param, code
+        self.status, self.type, self.param, self.openai_code = status, type, param, code
 
 
 def body(
@@ -48,21 +47,16 @@ def body(
 def classify(
     exc: BaseException, retry_after_s: float = 1.0
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, error JSON, extra headers) for ``exc``."""
-    retry = {"Retry-After": str(max(1, round(retry_after_s)))}
-    if isinstance(exc, HttpError):
-        return exc.status, body(str(exc), exc.type, exc.param, exc.code), {}
-    if isinstance(exc, InvalidRequestError):
-        return 400, body(str(exc), "invalid_request_error", exc.param, exc.code), {}
-    if isinstance(exc, OverloadedError):
-        retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        return 503, body(str(exc), "overloaded_error", None, "overloaded"), retry
-    if isinstance(exc, NoInstancesError | InstanceFailedError | EngineDeadError | RequestAbortedError):
-        return 503, body(str(exc), "service_unavailable", None, "service_unavailable"), retry
-    if isinstance(exc, DeadlineExceededError):
-        return 504, body(str(exc), "timeout_error", None, "timeout"), {}
-    log.error("internal error", exc_info=exc)
-    return 500, body(f"internal error: {type(exc).__name__}", "internal_error"), {}
+    """(status, error JSON, extra headers) for ``exc``; ``retry_after_s`` is the default
+    Retry-After of a 503. Logs server faults (500)."""
+    err = exc if isinstance(exc, HttpError) else client_error(exc)
+    if err.status == 500:
+        log.error("internal error: %s", exc, exc_info=exc)
+    headers = {}
+    if err.status == 503:
+        seconds = retry_after_s if err.retry_after_s is None else err.retry_after_s
+        headers = {"Retry-After": str(max(1, round(seconds)))}
+    return err.status, body(err.client_message(), err.type, err.param, err.openai_code), headers
 
 
 def encode(obj: Any) -> bytes:

@@ -9,7 +9,8 @@ app writes their SSE chunks in one send. Under light load a batch is one token.
 
 Closing the merged source (client gone, deadline, stop string) closes every worker stream,
 which aborts the engine requests and frees their blocks. Engine outputs with finish reason
-ABORT or ERROR end the stream with ``RequestAbortedError`` / ``EngineError``.
+ABORT or ERROR end the stream with ``RequestAbortedError`` / ``EngineError`` (both in
+``core.errors``).
 """
 
 from __future__ import annotations
@@ -25,16 +26,12 @@ from typing import Any, Protocol
 import msgspec
 
 from tokenmill.core.detokenize import IncrementalDetokenizer
-from tokenmill.core.errors import RequestAbortedError, TokenmillError
+from tokenmill.core.errors import EngineError, RequestAbortedError, TokenmillError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 from tokenmill.frontend.metrics import FrontendMetrics
 from tokenmill.frontend.migration import DEFAULT_MIGRATION_LIMIT, MigratingStream
 from tokenmill.frontend.preprocess import PreparedRequest, ServedModel
 from tokenmill.routing.dispatch import Dispatcher
-
-
-class EngineError(TokenmillError):
-    """The engine failed the request (not the client's fault: HTTP 500)."""
 
 
 @dataclass(slots=True)

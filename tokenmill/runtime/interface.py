@@ -9,8 +9,14 @@ the endpoint lists and watches instances and opens response streams to one of th
 Contracts every transport keeps:
 
 - ``handler(request, ctx)`` is an async generator; each yielded item is one response.
-  An exception raised by the handler ends the client's stream with that exception
-  (networked transports re-raise ``tokenmill`` errors by type name, others as ``RemoteError``).
+  An exception raised by the handler ends the client's stream with that exception. The
+  in-process transport passes the exception object itself; networked transports send its
+  registered code, message and param and raise the same class again
+  (``core.errors.from_wire``); any other exception arrives as ``InternalError`` naming its
+  class only, which is what the frontend tells a client about it in-process too.
+- The runtime's own errors (``NoInstancesError``, ``DeadlineExceededError``,
+  ``InstanceFailedError``) are defined in ``core.errors`` with the others and importable
+  from here.
 - Closing a ``ResponseStream`` (``aclose()``, leaving ``async with``, or cancelling the task
   that iterates it) stops the handler: it sees ``GeneratorExit``/``CancelledError`` at its
   current ``await``, so its ``finally`` blocks run (the worker aborts the engine request there).
@@ -34,29 +40,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from tokenmill.core.errors import TokenmillError
+# re-exported: the runtime's errors are registered in core with every other error
+from tokenmill.core.errors import (  # noqa: F401
+    DeadlineExceededError,
+    InstanceFailedError,
+    NoInstancesError,
+)
 from tokenmill.runtime.wire import InstanceInfo
-
-
-class NoInstancesError(TokenmillError):
-    """No live instance serves the endpoint (or the named instance is gone)."""
-
-
-class DeadlineExceededError(TokenmillError, TimeoutError):
-    """A stream passed its deadline; the handler was stopped."""
-
-
-class InstanceFailedError(TokenmillError):
-    """The instance died mid-stream (networked: sequence gap, inactivity timeout, broken
-    connection). The caller may migrate the request to another instance."""
-
-
-class RemoteError(TokenmillError):
-    """A handler on another process raised an error type the client does not know."""
-
-    def __init__(self, message: str, error_type: str = ""):
-        super().__init__(message)
-        self.error_type = error_type
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from tokenmill.runtime.interface import InstanceFailedError
+from tokenmill.core.errors import InstanceFailedError
 from tokenmill.runtime.remote_stream import Canceller, RemoteStream, StreamRunner
 from tokenmill.runtime.wire import CancelRequest, RequestEnvelope, StreamChunk
 

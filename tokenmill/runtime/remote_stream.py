@@ -9,11 +9,18 @@ cancel the remote handler when it is closed, cancelled or times out. The server 
 each handler in its own task, sends chunks with ``seq`` 0, 1, 2..., a final chunk (with the
 error when the handler raised), and keepalives for idle streams; a cancel request or a lost
 client connection cancels the task, so the handler's ``finally`` runs.
+
+Errors cross as their registered code, message and param (``error_to_chunk`` /
+``error_from_chunk``, both through ``core.errors``' registry only), so a client raises the
+class the handler raised. An exception that is not a registered error is logged here, with
+its traceback, and crosses as an ``InternalError`` naming its class: what the frontend
+would tell a client about it in-process too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -21,18 +28,20 @@ from typing import Any, Protocol
 
 import msgspec
 
-from tokenmill.core import errors as core_errors
-from tokenmill.runtime import interface
-from tokenmill.runtime.interface import (
+from tokenmill.core.errors import (
     DeadlineExceededError,
-    Handler,
+    DuplicateRequestError,
     InstanceFailedError,
-    RemoteError,
-    RequestContext,
-    ResponseStream,
+    InternalError,
+    NoInstancesError,
+    client_error,
+    from_wire,
+    is_registered,
 )
+from tokenmill.runtime.interface import Handler, RequestContext, ResponseStream
 from tokenmill.runtime.wire import WIRE_VERSION, RequestEnvelope, StreamChunk, check_version
 
+log = logging.getLogger(__name__)
 _ENCODER = msgspec.msgpack.Encoder()
 _KEEPALIVE = object()
 
@@ -48,20 +57,20 @@ def payload_decoder(type_: type | None) -> Callable[[bytes], Any]:
 
 
 def error_to_chunk(request_id: str, seq: int, exc: BaseException) -> StreamChunk:
-    return StreamChunk(request_id=request_id, seq=seq, final=True, error=str(exc),
-                       error_type=type(exc).__name__)
+    """The final chunk of a stream that ended with ``exc``: its registered code, message,
+    param and Retry-After; an exception that is not a registered error is sent as the
+    ``InternalError`` naming its class (``core.errors.client_error``)."""
+    err = client_error(exc)
+    return StreamChunk(request_id=request_id, seq=seq, final=True, error=str(err),
+                       error_code=err.code, error_param=err.param,
+                       error_retry_after_s=err.retry_after_s)  # fmt: skip
 
 
 def error_from_chunk(chunk: StreamChunk) -> Exception:
-    """tokenmill errors come back as their own type (by name), others as ``RemoteError``."""
-    name = chunk.error_type or ""
-    cls = getattr(interface, name, None) or getattr(core_errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, core_errors.TokenmillError):
-        try:
-            return cls(chunk.error or "")
-        except TypeError:
-            pass
-    return RemoteError(chunk.error or "", name)
+    """The error an error chunk carries, as its registered class (``core.errors.from_wire``;
+    an unknown or missing code gives an ``InternalError`` with the message)."""
+    return from_wire(chunk.error_code or "", chunk.error or "", chunk.error_param,
+                     chunk.error_retry_after_s)  # fmt: skip
 
 
 class RemoteStream(ResponseStream):
@@ -304,11 +313,11 @@ class StreamRunner:
 
     def _reject_reason(self, envelope: RequestEnvelope, key: tuple[object, str]) -> Exception | None:
         if envelope.version > WIRE_VERSION:
-            return RemoteError(f"wire version {envelope.version} unsupported", "ValueError")
+            return InternalError(f"wire version {envelope.version} unsupported")
         if envelope.instance_id not in self._handlers:
-            return interface.NoInstancesError(f"instance {envelope.instance_id} is not served")
+            return NoInstancesError(f"instance {envelope.instance_id} is not served")
         if key in self._running:
-            return core_errors.InvalidRequestError(f"duplicate request id {envelope.request_id}")
+            return DuplicateRequestError.for_request(envelope.request_id)
         return None
 
     def cancel(self, channel_key: object, request_id: str) -> None:
@@ -344,6 +353,9 @@ class StreamRunner:
         except TimeoutError as exc:
             final = error_to_chunk(env.request_id, seq, _deadline_error(env, exc, deadline))
         except Exception as exc:
+            if not is_registered(exc):  # the client learns only its class: log the rest here
+                log.error("handler of %s failed on %s", env.instance_id, env.request_id,
+                          exc_info=exc)  # fmt: skip
             final = error_to_chunk(env.request_id, seq, exc)
         finally:
             self._running.pop(key, None)

@@ -12,7 +12,9 @@ frames are parsed out of in place (no ``readexactly`` per frame, no copy of the 
 before msgspec decodes them). Writing coalesces the frames queued in one event-loop iteration
 into one ``transport.write`` (one syscall for a burst of chunks) and respects the transport's
 flow control: a sender waits while the transport is paused. A lost connection fails every stream open on it with
-``InstanceFailedError`` (client side) or cancels its handlers (server side).
+``InstanceFailedError`` (client side) or cancels its handlers (server side). A request id
+already open on a connection is refused on the client side with ``DuplicateRequestError``,
+the error the server would answer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from tokenmill.runtime.interface import InstanceFailedError
+from tokenmill.core.errors import DuplicateRequestError, InstanceFailedError
 from tokenmill.runtime.remote_stream import Canceller, RemoteStream, StreamRunner
 from tokenmill.runtime.wire import WIRE_VERSION, CancelRequest, RequestEnvelope, StreamChunk
 
@@ -264,8 +266,8 @@ class TcpClientPool:
         conn = await self._connection(address)
         if conn.closed:
             raise InstanceFailedError(f"connection to {address} lost")
-        if envelope.request_id in conn.streams:
-            raise ValueError(f"request id {envelope.request_id} already open on {address}")
+        if envelope.request_id in conn.streams:  # the server would reject it the same way
+            raise DuplicateRequestError.for_request(envelope.request_id)
         conn.streams[envelope.request_id] = stream
 
         def forget() -> None:

@@ -45,14 +45,20 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
 
 class StreamChunk(msgspec.Struct, frozen=True, kw_only=True):
     """One response item. ``seq`` counts 0, 1, 2... per request. The last chunk has
-    ``final=True``; it carries an ``error`` (and no payload) when the handler raised."""
+    ``final=True``; when the handler raised, it carries no payload but the error: its
+    message in ``error``, its registered code (``core.errors``) in ``error_code``, the
+    request field at fault in ``error_param`` and, for a 503 that names one, its
+    Retry-After in ``error_retry_after_s``. A receiver rebuilds the error with
+    ``core.errors.from_wire``; a code it does not know gives an internal error."""
 
     request_id: str
     seq: int
     payload: bytes = b""
     final: bool = False
     error: str | None = None
-    error_type: str | None = None
+    error_code: str | None = None
+    error_param: str | None = None
+    error_retry_after_s: float | None = None
     version: int = WIRE_VERSION
 
 

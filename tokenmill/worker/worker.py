@@ -8,9 +8,10 @@ to ``drain_timeout_s``, then evicts the rest: their engine requests are aborted 
 streams end with ``InstanceFailedError``, so a frontend migrates them to another worker.
 The engine itself is owned by the caller.
 
-Duplicate request ids among in-flight requests are rejected (``DuplicateRequestError``) before
-anything reaches the engine. A client that closes its stream aborts the engine request
-(closing the engine's iterator frees its blocks).
+Duplicate request ids among in-flight requests are rejected (``DuplicateRequestError``, from
+``core.errors``: HTTP 400 whichever transport carried the request) before anything reaches
+the engine. A client that closes its stream aborts the engine request (closing the
+engine's iterator frees its blocks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.core.errors import EngineDeadError, InvalidRequestError
+from tokenmill.core.errors import DuplicateRequestError, EngineDeadError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
 from tokenmill.runtime.interface import (
     EndpointId,
@@ -40,15 +41,6 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "tokenmill"
 DEFAULT_COMPONENT = "backend"
 GENERATE_ENDPOINT = "generate"
-
-
-class DuplicateRequestError(InvalidRequestError):
-    def __init__(self, request_id: str):
-        super().__init__(
-            f"request id {request_id!r} is already in flight on this worker",
-            param="request_id",
-            code="duplicate_request_id",
-        )
 
 
 @dataclass(frozen=True)
@@ -147,7 +139,7 @@ class Worker:
         """The endpoint handler: streams the engine's outputs for ``request``."""
         request_id = request.request_id
         if request_id in self._active:
-            raise DuplicateRequestError(request_id)
+            raise DuplicateRequestError.for_request(request_id)
         if not self.engine.is_healthy():
             raise EngineDeadError("the engine of this worker is not healthy")
         self._active.add(request_id)
