@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from tokenmill.core.errors import EngineDeadError, InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
+from tokenmill.routing.models import DEFAULT_ROLE, ROLE_KEY, check_role
 from tokenmill.runtime.interface import (
     EndpointId,
     InstanceFailedError,
@@ -32,7 +33,6 @@ from tokenmill.runtime.interface import (
     ServedEndpoint,
 )
 from tokenmill.runtime.kv_wire import KV_REPLAY_ENDPOINT, KvReplayRequest, replay_instance_id
-from tokenmill.routing.models import DEFAULT_ROLE, ROLE_KEY, check_role
 from tokenmill.runtime.wire import LOAD_TOPIC, InstanceInfo, WorkerLoad
 from tokenmill.worker.kv_publisher import KvPublisher
 from tokenmill.worker.protocol import EngineClient, load_from_stats, maybe_await
