@@ -4,18 +4,15 @@ spawned workers' command lines, the model card and the in-process KV router."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.tiny_models import make_tiny_hf_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from tiny_models import make_tiny_hf_model  # noqa: E402
-
-from tokenmill.launch import cmd_frontend, cmd_replay, cmd_serve  # noqa: E402
-from tokenmill.launch.cli import build_parser  # noqa: E402
-from tokenmill.launch.engine_args import MOCKER_DEFAULTS, EngineSettings  # noqa: E402
-from tokenmill.launch.model_card import ModelCard  # noqa: E402
+from tokenmill.launch import cmd_frontend, cmd_replay, cmd_serve
+from tokenmill.launch.cli import build_parser
+from tokenmill.launch.engine_args import MOCKER_DEFAULTS, EngineSettings
+from tokenmill.launch.model_card import ModelCard
 
 FLAGS = ["--block-size", "32", "--num-blocks", "500", "--max-num-batched-tokens", "1024",
          "--max-num-seqs", "7", "--watermark", "0.05"]  # fmt: skip
