@@ -25,6 +25,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check tokenmill tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

@@ -5,13 +5,13 @@ start on the dev box), so marked ``slow``."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers.procs import free_port
 
 from tokenmill.bench.client import ClientConfig, HttpClient
 from tokenmill.bench.serve import ServeBenchConfig, run_serve_bench
@@ -22,12 +22,6 @@ TRACE = (
     Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "conversation_trace.jsonl"
 )
 VOCAB = 49152  # SmolLM2, the server's default model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _wait_up(url: str, proc: subprocess.Popen, limit_s: float = 120.0) -> None:
@@ -45,7 +39,7 @@ async def _wait_up(url: str, proc: subprocess.Popen, limit_s: float = 120.0) -> 
 
 @pytest.fixture
 async def tokenmill_server():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

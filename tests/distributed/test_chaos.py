@@ -9,7 +9,7 @@ import signal
 
 import httpx
 import pytest
-from distributed_procs import Proc, expected_text, free_port
+from helpers.procs import Proc, expected_text, free_port
 from test_failover import StreamResult, stream_one
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import signal
 import time
 
 import httpx
-from distributed_procs import Proc, free_port
+from helpers.procs import Proc, free_port
 
 from tokenmill.launch.specs import MOCKER_DEFAULTS
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from distributed_procs import Proc, free_port
+from helpers.procs import Proc, free_port
 
 from tokenmill.core.errors import DuplicateRequestError
 from tokenmill.core.request import EngineRequest, RequestOutput

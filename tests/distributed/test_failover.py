@@ -17,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from distributed_procs import Serve, expected_text, pid_gone
+from helpers.procs import Serve, expected_text, pid_gone
 
 from tokenmill.launch.specs import MOCKER_DEFAULTS
 from tokenmill.runtime.interface import EndpointId

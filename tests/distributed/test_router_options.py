@@ -4,7 +4,6 @@ needs ``allow_pinning`` (400 without it) and then wins over the policy."""
 from __future__ import annotations
 
 import httpx
-from distributed_procs import make_tiny_hf_model  # noqa: F401  (sys.path for tiny_models)
 
 from tokenmill.core.request import EngineRequest
 from tokenmill.engine.tokenizer import Tokenizer

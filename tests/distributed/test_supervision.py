@@ -11,7 +11,7 @@ import signal
 import time
 
 import httpx
-from distributed_procs import Serve, pid_gone
+from helpers.procs import Serve, pid_gone
 
 REPLACEMENT_S = 30.0  # the bound on a replacement serving
 BODY = {"model": "tiny", "prompt": "hello there", "max_tokens": 4}

@@ -1,5 +1,5 @@
 """Fixtures shared by the engine tests. ``TOKENMILL_TEST_DEVICE=cuda`` runs the tests that
-exercise device code paths on the GPU (``tiny_models.TEST_DEVICE``)."""
+exercise device code paths on the GPU (``helpers.tiny_models.TEST_DEVICE``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TEST_DEVICE, make_tiny_hf_model
+from helpers.tiny_models import TEST_DEVICE
 
 
 def pytest_configure(config) -> None:
@@ -31,14 +31,7 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
-    """``family -> directory`` of ``make_tiny_hf_model(family)`` with default options, built
-    once per session and shared by every test that asks: tests must only read it."""
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = make_tiny_hf_model(tmp_path_factory.mktemp(family), family)
-        return built[family]
-
-    return get
+def tiny_model_dir(tiny_model_factory) -> Callable[[str], Path]:
+    """Here the name is the root conftest's ``family -> directory`` factory (the engine tests
+    ask for several families; elsewhere ``tiny_model_dir`` is the llama3 directory)."""
+    return tiny_model_factory

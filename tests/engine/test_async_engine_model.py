@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.engine.loader import load_model
 from tokenmill.engine.reference import greedy_generate

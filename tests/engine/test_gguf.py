@@ -16,8 +16,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import byte_level_fields, write_gguf
-from tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, make_tiny_hf_model, tiny_tokenizer
+from helpers.gguf_fixtures import byte_level_fields, write_gguf
+from helpers.tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, make_tiny_hf_model, tiny_tokenizer
 
 from tokenmill.core.errors import ModelLoadError
 from tokenmill.engine.loader import load_model

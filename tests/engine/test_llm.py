@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.core.errors import InvalidRequestError

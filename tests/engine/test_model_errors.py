@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf_model
+from helpers.tiny_models import make_tiny_hf_model
 
 from tokenmill.core.errors import ModelLoadError
 from tokenmill.engine.models.hf_loader import load_hf_model, read_hf_config, read_hf_weights

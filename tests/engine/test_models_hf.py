@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, TEST_DEVICE, make_tiny_hf_model, tiny_tokenizer
+from helpers.tiny_models import FAMILIES, TEST_DEVICE, make_tiny_hf_model, tiny_tokenizer
 
 from tokenmill.engine.models.config import RopeScaling
 from tokenmill.engine.models.hf_loader import load_hf_model, read_hf_config, read_hf_weights

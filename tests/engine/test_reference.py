@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TEST_DEVICE, tiny_tokenizer
+from helpers.tiny_models import TEST_DEVICE, tiny_tokenizer
 
 from tokenmill.engine.models.hf_loader import load_hf_model
 from tokenmill.engine.reference import ContiguousKVCache, greedy_generate, reference_logits

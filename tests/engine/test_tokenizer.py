@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pytest
 import tokenizers
-from gguf_fixtures import byte_level_fields, sentencepiece_fields, transformers_tokenizer_dict
-from tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, make_tiny_hf_model, tiny_tokenizer
+from helpers.gguf_fixtures import (
+    byte_level_fields,
+    sentencepiece_fields,
+    transformers_tokenizer_dict,
+)
+from helpers.tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, make_tiny_hf_model, tiny_tokenizer
 
 from tokenmill.core.detokenize import IncrementalDetokenizer
 from tokenmill.core.errors import ModelLoadError

@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import InProcessServer
+from helpers.servers import InProcessServer
 
 from tokenmill.core.errors import OverloadedError
 from tokenmill.engine.tokenizer import Tokenizer

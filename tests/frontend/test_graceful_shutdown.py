@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-from conftest import running_server
+from helpers.procs import running_server
 
 
 def stream_lines(url: str, max_tokens: int, started: threading.Event, out: list[str]) -> None:

@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from conftest import InProcessServer, running_server
+from helpers.procs import running_server
+from helpers.servers import InProcessServer
 from test_disconnect_and_limits import LONG, echo_stack, read_then_disconnect, until
 
 from tokenmill.engine.tokenizer import Tokenizer

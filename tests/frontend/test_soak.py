@@ -16,7 +16,8 @@ import tracemalloc
 
 import aiohttp
 import pytest
-from conftest import InProcessServer, running_server
+from helpers.procs import running_server
+from helpers.servers import InProcessServer
 
 from tokenmill.frontend.app import FrontendConfig
 from tokenmill.frontend.preprocess import ServedModel

@@ -4,18 +4,14 @@ the spawned workers' command lines, the model card and the in-process KV router.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from tiny_models import make_tiny_hf_model  # noqa: E402
-
-from tokenmill.launch import cmd_replay, engines, flags, processes  # noqa: E402
-from tokenmill.launch.cli import build_parser  # noqa: E402
-from tokenmill.launch.model_card import ModelCard  # noqa: E402
-from tokenmill.launch.specs import (  # noqa: E402
+from tokenmill.launch import cmd_replay, engines, flags, processes
+from tokenmill.launch.cli import build_parser
+from tokenmill.launch.model_card import ModelCard
+from tokenmill.launch.specs import (
     MOCKER_DEFAULTS,
     EngineSettings,
     EngineSpec,
@@ -23,7 +19,7 @@ from tokenmill.launch.specs import (  # noqa: E402
     RouterSpec,
     WorkerSpec,
 )
-from tokenmill.launch.stacks import local_policy  # noqa: E402
+from tokenmill.launch.stacks import local_policy
 
 FLAGS = ["--block-size", "32", "--num-blocks", "500", "--max-num-batched-tokens", "1024",
          "--max-num-seqs", "7", "--watermark", "0.05"]  # fmt: skip
@@ -31,8 +27,8 @@ GIVEN = EngineSettings(32, 500, 1024, 7, 0.05)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_hf_model(tmp_path_factory.mktemp("model"), "llama3")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def _spec(argv: list[str]) -> EngineSpec:

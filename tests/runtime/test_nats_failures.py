@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 
-import conftest_nats
 import pytest
-from conftest_nats import Recorder
+from runtime_handlers import Recorder
 
 from tokenmill.runtime.interface import EndpointId, InstanceFailedError
 from tokenmill.runtime.remote_stream import RemoteStream
@@ -20,8 +19,6 @@ from tokenmill.runtime.tcp_plane import make_ssl_contexts
 from tokenmill.runtime.wire import StreamChunk
 
 EP = EndpointId("ns", "backend", "generate")
-nats_server = conftest_nats.nats_server  # fixtures
-make_runtime = conftest_nats.make_runtime
 CHILD = os.path.join(os.path.dirname(__file__), "nats_child.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-import conftest_nats
 import msgspec
 import pytest
-from conftest_nats import Recorder
+from runtime_handlers import Recorder
 
 from tokenmill.core.errors import DuplicateRequestError, InternalError, InvalidRequestError
 from tokenmill.runtime.event_plane import SUBSCRIPTION_BUFFER
@@ -22,8 +21,6 @@ from tokenmill.runtime.interface import (
 from tokenmill.runtime.wire import WorkerLoad
 
 EP = EndpointId("ns", "backend", "generate")
-nats_server = conftest_nats.nats_server  # fixtures
-make_runtime = conftest_nats.make_runtime
 PLANES = ["tcp", "nats"]
 
 

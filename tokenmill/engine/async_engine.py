@@ -162,6 +162,7 @@ class AsyncEngine:
         plain attribute reads of the loop's state)."""
         stats = self.core.stats()
         stats["last_step_s"] = self._loop.last_step_s
+        stats["step_time_ms"] = self._loop.step_time_ms
         return stats
 
     def shutdown(self) -> None:

@@ -201,6 +201,7 @@ class EngineCore:
         return {
             "num_running": s.num_running,
             "num_waiting": s.num_waiting,
+            "num_waiting_prefill_tokens": s.num_waiting_prefill_tokens,
             "kv_usage": s.kv_usage,
             "prefix_hit_rate": s.prefix_hit_rate,
             "num_preemptions": s.num_preemptions,

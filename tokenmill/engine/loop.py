@@ -27,9 +27,17 @@ log = logging.getLogger(__name__)
 
 OutputsFn = Callable[[list[RequestOutput]], None]
 
+# Weight of the latest step in ``step_time_ms``: ~10 steps of memory, so the published load
+# follows a change of batch within a load interval but one slow step does not swing it.
+STEP_TIME_EWMA_ALPHA = 0.2
+
 
 class EngineLoop:
-    """Runs ``core`` in a daemon thread. ``clock`` times steps (inject a fake one in tests)."""
+    """Runs ``core`` in a daemon thread. ``clock`` times steps (inject a fake one in tests).
+
+    ``last_step_s``: wall time of the last loop turn's step; ``step_time_ms``: an EWMA of the
+    wall time of steps that computed something (0.0 until one did). Both are written by the
+    loop thread only; other threads read them racily (plain floats)."""
 
     def __init__(
         self,
@@ -45,6 +53,7 @@ class EngineLoop:
         self.clock = clock
         self.error: BaseException | None = None
         self.last_step_s = 0.0
+        self.step_time_ms = 0.0
         self._cond = threading.Condition()
         self._commands: list[tuple[str, Any]] = []
         self._stopping = False
@@ -113,12 +122,21 @@ class EngineLoop:
         if woke:
             self.core.executor.on_wake()
         outputs = self._apply(commands)
-        start = self.clock()
+        num_steps, start = self.core.num_steps, self.clock()
         outputs.extend(self.core.step())
         self.last_step_s = self.clock() - start
+        if self.core.num_steps != num_steps:  # an empty step would pull the average to 0
+            self._record_step_time(self.last_step_s * 1000.0)
         if outputs:
             self.on_outputs(outputs)
         return True
+
+    def _record_step_time(self, ms: float) -> None:
+        previous = self.step_time_ms
+        if previous == 0.0:
+            self.step_time_ms = ms  # the first step: no history to average with
+        else:
+            self.step_time_ms = previous + STEP_TIME_EWMA_ALPHA * (ms - previous)
 
     def _apply(self, commands: list[tuple[str, Any]]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

@@ -15,7 +15,10 @@ Each step (``schedule``) hands out a budget of ``max_num_batched_tokens``:
 
 ``update_from_output`` advances ``num_computed_tokens``, caches blocks that became full,
 appends the sampled tokens of requests whose chunk reached their last known token, checks
-stop conditions and frees finished requests. ``schedule`` advances nothing itself, so each
+stop conditions and frees finished requests. Every finished request's blocks (stop, length,
+abort, error; not preemption) are freed through ``_free_finished``, which first asks the
+scheduler-side connector (``tokenmill.kv.connector``) whether to hold them for a transfer;
+held blocks are freed by ``release_held_blocks``. ``schedule`` advances nothing itself, so each
 ``schedule`` must be followed by ``update_from_output`` before the next one.
 """
 
@@ -36,6 +39,7 @@ from tokenmill.engine.scheduler_output import (
     SchedulerOutput,
     SchedulerStats,
 )
+from tokenmill.kv.connector import NULL_CONNECTOR, SchedulerConnector
 from tokenmill.kv.manager import KVCacheManager
 
 _RUNNING = RequestStatus.RUNNING
@@ -46,8 +50,10 @@ class Scheduler:
     """Decides what each step computes; owns the requests' states and the KV cache manager.
 
     ``eos_token_ids`` end a request (unless ``ignore_eos``); ``event_sink`` receives the
-    pool's KV events. ``max_model_len`` is the config's, capped by the pool's capacity so
-    that a lone request always fits. Not thread-safe: one engine loop calls it.
+    pool's KV events; ``connector`` decides whether a finished request's blocks are held
+    for a transfer (the null connector never holds). ``max_model_len`` is the config's,
+    capped by the pool's capacity so that a lone request always fits. Not thread-safe: one
+    engine loop calls it.
     """
 
     def __init__(
@@ -56,8 +62,10 @@ class Scheduler:
         cache_config: CacheConfig,
         eos_token_ids: Collection[int] = (),
         event_sink: KvEventSink = null_sink,
+        connector: SchedulerConnector = NULL_CONNECTOR,
     ):
         self.config = scheduler_config
+        self.connector = connector
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
@@ -74,6 +82,7 @@ class Scheduler:
         self._watermark_blocks = int(scheduler_config.watermark * cache_config.num_blocks)
         self._finished_since_step: list[str] = []
         self._num_added = 0
+        self._num_waiting_tokens = 0  # sum of num_tokens over the waiting queue
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
         self.num_preemptions = 0
@@ -83,13 +92,14 @@ class Scheduler:
     def add_request(
         self, request: EngineRequest, prompt_hashes: tuple[list[int], list[int]] | None = None
     ) -> Request:
-        """Queue a request. Raises ``InvalidRequestError`` for a duplicate id or an empty
-        prompt and ``ContextLengthExceededError`` for a prompt over ``max_model_len``.
+        """Queue a request. Raises ``InvalidRequestError`` for a duplicate id (an unfinished
+        request's, or a finished one's whose blocks are still held) or an empty prompt and
+        ``ContextLengthExceededError`` for a prompt over ``max_model_len``.
 
         ``prompt_hashes``: optional ``(block_hashes, local_hashes)`` of the prompt's full
         blocks at this engine's block size and the request's salt (``core.block_hash``), so
         a simulator that already hashed the prompt skips hashing it again (trusted as is)."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or self.kv.is_held(request.request_id):
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}", "request_id")
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
@@ -104,6 +114,7 @@ class Scheduler:
         self._num_added += 1
         self.requests[state.request_id] = state
         self.waiting.add(state)
+        self._num_waiting_tokens += state.num_tokens
         return state
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
@@ -125,10 +136,17 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED  # so the running list drops it
             else:
                 self.waiting.discard(request)
+                self._num_waiting_tokens -= request.num_tokens
             self._finish(request, reason, stop_reason)
         if done:
             self._drop_finished_running()
         return done
+
+    def release_held_blocks(self, request_ids: Iterable[str]) -> list[str]:
+        """Free the blocks held for the given finished requests (the connector reported
+        their transfer done, aborted or timed out). Ids holding nothing are ignored (a second
+        release is a no-op). Returns the ids whose blocks were freed."""
+        return [rid for rid in request_ids if self.kv.release(rid)]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -149,6 +167,7 @@ class Scheduler:
             self.num_queried_tokens,
             self.num_hit_tokens,
             self.num_preemptions,
+            self._num_waiting_tokens,
         )
 
     # ------------------------------------------------------------------ one step
@@ -178,11 +197,14 @@ class Scheduler:
             if num_new > budget:
                 num_new = budget
             table = tables[request.request_id]  # a running request always holds blocks
-            if position + num_new > len(table) * block_size:
+            num_held = len(table)
+            if position + num_new > num_held * block_size:
                 if not self._allocate_or_preempt(request, num_new, out):
                     break  # ``request`` was the last one and preempted itself
             end = position + num_new
-            scheduled.append(ScheduledRequest(request, position, num_new, table, end == num_tokens))
+            scheduled.append(
+                ScheduledRequest(request, position, num_new, table, end == num_tokens, num_held)
+            )
             if num_new == 1 and position >= request.num_prompt_tokens:
                 num_decode += 1
             else:
@@ -209,6 +231,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(request)
+        self._num_waiting_tokens += request.num_tokens
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         waiting, max_num_seqs = self.waiting, self.config.max_num_seqs
@@ -220,6 +243,7 @@ class Scheduler:
             if num_new == 0:
                 break
             waiting.pop()
+            self._num_waiting_tokens -= request.num_tokens
             self._add_running(request)
             self._add_scheduled(out, request, num_new)
             budget -= num_new
@@ -354,15 +378,26 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
-        self.kv.free(request.request_id)
+        self._free_finished(request)
         del self.requests[request.request_id]
         self._finished_since_step.append(request.request_id)
+
+    def _free_finished(self, request: Request) -> None:
+        """The one way a finished request's blocks go: held if the connector says so (until
+        ``release_held_blocks``), freed now otherwise."""
+        block_ids = self.kv.get_block_ids(request.request_id)
+        if block_ids and self.connector.request_finished(request, block_ids):
+            self.kv.hold(request.request_id)
+        else:
+            self.kv.free(request.request_id)
 
     def _drop_finished_running(self) -> None:
         self.running = [r for r in self.running if r.status is _RUNNING]
 
     def check_integrity(self) -> None:
-        """The KV manager's check, plus: running / waiting / block holders agree."""
+        """The KV manager's check (held blocks included), plus: running / waiting / block
+        holders agree, held blocks belong to finished requests only, and the waiting-token
+        count is the waiting queue's."""
         self.kv.check_integrity()
         running_ids = {r.request_id for r in self.running}
         _ensure(len(running_ids) == len(self.running), "a request runs twice")
@@ -371,6 +406,9 @@ class Scheduler:
         for request in self.requests.values():
             holds = bool(self.kv.get_block_ids(request.request_id))
             _ensure(holds == (request.request_id in running_ids), "blocks held while not running")
+            _ensure(not self.kv.is_held(request.request_id), "held blocks of an unfinished request")
+        waiting = [r for r in self.requests.values() if r.status is not _RUNNING]
+        _ensure(sum(r.num_tokens for r in waiting) == self._num_waiting_tokens, "waiting tokens")
 
 
 def _sort_key(request: Request) -> tuple[int, float, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from tokenmill.core.events import Cleared, KvEventSink, Removed, Stored, StoredBlock, null_sink
 
@@ -99,10 +100,11 @@ class BlockPool:
         return out
 
     def _evict(self, num_blocks: int) -> list[int]:
-        evicted, hashes = [], []
+        evicted: list[int] = []
+        hashes: list[int] = []
         for _ in range(num_blocks):
             block_id, _ = self._free_cached.popitem(last=False)
-            block_hash = self._hash[block_id]
+            block_hash = cast(int, self._hash[block_id])  # a cached block always has a hash
             del self._cache[block_hash]
             self._hash[block_id] = None
             evicted.append(block_id)

@@ -53,6 +53,7 @@ class KVCacheManager:
         self._blocks: dict[str, list[int]] = {}  # request id -> block table
         self.block_tables: Mapping[str, list[int]] = self._blocks  # read-only, for hot loops
         self._num_cached: dict[str, int] = {}  # request id -> leading blocks in the cache
+        self._held: dict[str, list[int]] = {}  # finished request id -> table held for a transfer
 
     @property
     def num_blocks(self) -> int:
@@ -158,16 +159,43 @@ class KVCacheManager:
         if table:
             self.pool.free(reversed(table))
 
+    def hold(self, request_id: str) -> None:
+        """Move the request's table to the held tables: its blocks stay referenced (not
+        evictable, not reusable) until ``release``; the request holds no table any more, so
+        ``get_block_ids`` is empty. Raises ``KeyError`` if it is already held."""
+        if request_id in self._held:
+            raise KeyError(f"blocks of request {request_id!r} are already held")
+        table = self._blocks.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
+        if table:
+            self._held[request_id] = table
+
+    def release(self, request_id: str) -> bool:
+        """Free a held table as ``free`` would; False (a no-op) if none is held for the id."""
+        table = self._held.pop(request_id, None)
+        if table is None:
+            return False
+        self.pool.free(reversed(table))
+        return True
+
+    def is_held(self, request_id: str) -> bool:
+        return request_id in self._held
+
+    @property
+    def held_request_ids(self) -> list[str]:
+        return list(self._held)
+
     def reset_prefix_cache(self) -> None:
         """Empty the prefix cache (``Cleared``); running requests keep their blocks and do
         not re-cache the blocks they already had cached."""
         self.pool.reset()
 
     def check_integrity(self) -> None:
-        """The pool's check, plus: every held block's ref count covers the tables holding it."""
+        """The pool's check, plus: every used block's ref count equals the number of tables
+        (requests' and held ones) that hold it."""
         self.pool.check_integrity()
         holders: dict[int, int] = {}
-        for table in self._blocks.values():
+        for table in (*self._blocks.values(), *self._held.values()):
             for block_id in table:
                 holders[block_id] = holders.get(block_id, 0) + 1
         for block_id, count in holders.items():

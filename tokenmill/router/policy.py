@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -98,7 +98,7 @@ def softmax_pick(costs: list[float], temperature: float, rng: random.Random) -> 
     return rng.choices(range(len(costs)), weights=weights)[0]
 
 
-def argmin_pick(keys: list[tuple[float, ...]], rng: random.Random) -> int:
+def argmin_pick(keys: Sequence[tuple[float, ...]], rng: random.Random) -> int:
     """Index of the smallest key; exact ties broken uniformly at random."""
     best = min(keys)
     ties = [i for i, k in enumerate(keys) if k == best]
@@ -106,11 +106,12 @@ def argmin_pick(keys: list[tuple[float, ...]], rng: random.Random) -> int:
 
 
 # ---- registry -----------------------------------------------------------------------------
-POLICIES: dict[str, Callable[[PolicyConfig], Policy]] = {}
+PolicyFactory = Callable[[PolicyConfig], Policy]
+POLICIES: dict[str, PolicyFactory] = {}
 
 
-def register(name: str):
-    def deco(factory: Callable[[PolicyConfig], Policy]):
+def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+    def deco(factory: PolicyFactory) -> PolicyFactory:
         POLICIES[name] = factory
         return factory
 

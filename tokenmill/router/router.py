@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from tokenmill.core.events import KvEvent, Tier
 from tokenmill.router.active import ActiveSequences
@@ -143,7 +144,7 @@ class KvRouter:
         """Place queued requests, in queue order, while some worker is not busy."""
         placed: list[Routed] = []
         while len(self.queue) and self._workers and not self._all_busy():
-            placed.append(self._place(self.queue.pop()))
+            placed.append(self._place(cast(_Waiting, self.queue.pop())))  # len(queue) > 0
         return placed
 
     def mark_prefill_done(self, request_id: str) -> None:

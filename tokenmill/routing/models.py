@@ -1,6 +1,10 @@
 """Several models behind one frontend: ``ModelView`` narrows an endpoint client to the
 instances whose model card names one model (``metadata["model"]``), so each served model gets
-its own dispatcher and router over its own workers."""
+its own dispatcher and router over its own workers.
+
+A worker's role (``metadata["role"]``: ``both`` aggregated, ``prefill``, ``decode``) is part
+of its registration; ``instance_role`` reads it (absent: ``both``, as every worker was before
+roles existed)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,23 @@ from typing import Any
 
 from tokenmill.runtime.interface import EndpointClient, InstanceEvent, ResponseStream
 from tokenmill.runtime.wire import InstanceInfo
+
+ROLE_KEY = "role"
+DEFAULT_ROLE = "both"
+WORKER_ROLES = ("both", "prefill", "decode")
+
+
+def check_role(role: str) -> str:
+    """``role`` if it is one of ``WORKER_ROLES``; ``ValueError`` otherwise."""
+    if role not in WORKER_ROLES:
+        raise ValueError(f"worker role must be one of {WORKER_ROLES}, not {role!r}")
+    return role
+
+
+def instance_role(info: InstanceInfo) -> str:
+    """The role an instance registered with; ``both`` when its metadata names none. Raises
+    ``ValueError`` for a role this router does not know (a newer worker): never guess."""
+    return check_role(info.metadata.get(ROLE_KEY, DEFAULT_ROLE))
 
 
 class ModelView(EndpointClient):

@@ -70,15 +70,18 @@ class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
-    """Load figures a worker publishes on the event plane (topic ``load``)."""
+    """Load figures a worker publishes on the event plane (topic ``load``). Fields added
+    later have defaults, so a message from an older worker still decodes (as 0)."""
 
     instance_id: str
     num_running_requests: int = 0
-    num_waiting_requests: int = 0
+    num_waiting_requests: int = 0  # the queue depth: waiting and preempted requests
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     prefix_hit_rate: float = 0.0  # cached prompt tokens / prompt tokens, 0..1
     num_total_blocks: int = 0
     version: int = WIRE_VERSION
+    step_time_ms: float = 0.0  # recent wall time of one engine step (EWMA); 0: none yet
+    num_waiting_prefill_tokens: int = 0  # tokens the waiting requests must compute first
 
 
 def check_version(version: int) -> None:

@@ -36,6 +36,8 @@ _STAT_NAMES = {
     "kv_usage": ("kv_usage", "kv_cache_usage", "kv_usage_fraction", "gpu_cache_usage"),
     "prefix_hit_rate": ("prefix_hit_rate", "prefix_cache_hit_rate", "cache_hit_rate"),
     "num_total_blocks": ("num_total_blocks", "num_blocks", "total_blocks"),
+    "step_time_ms": ("step_time_ms",),
+    "num_waiting_prefill_tokens": ("num_waiting_prefill_tokens",),
 }
 
 
@@ -57,6 +59,8 @@ def load_from_stats(instance_id: str, stats: Any) -> WorkerLoad:
         kv_usage=float(values["kv_usage"]),
         prefix_hit_rate=float(values["prefix_hit_rate"]),
         num_total_blocks=int(values["num_total_blocks"]),
+        step_time_ms=float(values["step_time_ms"]),
+        num_waiting_prefill_tokens=int(values["num_waiting_prefill_tokens"]),
     )
 
 

@@ -1,7 +1,8 @@
 """A worker: one engine replica served as the runtime endpoint ``generate`` (``EngineRequest``
 in, ``RequestOutput``s out), publishing its load on the event plane.
 
-Life cycle: ``start()`` registers the instance (with ``metadata``: the model card) and starts
+Life cycle: ``start()`` registers the instance (with ``metadata``: the model card and the
+worker's ``role``, see ``tokenmill.routing.models.instance_role``) and starts
 the load publisher and, given a ``KvPublisher`` (fed by the engine's KV event sink), the
 ``kv_replay`` endpoint under the same instance id; ``stop()`` deregisters (no new requests), lets in-flight requests finish up
 to ``drain_timeout_s``, then evicts the rest: their engine requests are aborted and their
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 from tokenmill.core.errors import DuplicateRequestError, EngineDeadError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
+from tokenmill.routing.models import DEFAULT_ROLE, ROLE_KEY, check_role
 from tokenmill.runtime.interface import (
     EndpointId,
     InstanceFailedError,
@@ -45,6 +47,9 @@ GENERATE_ENDPOINT = "generate"
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """``role``: ``both`` (aggregated), ``prefill`` or ``decode`` (``ValueError`` otherwise);
+    registered in the instance metadata under ``role``."""
+
     namespace: str = DEFAULT_NAMESPACE
     component: str = DEFAULT_COMPONENT
     instance_id: str | None = None
@@ -52,6 +57,10 @@ class WorkerConfig:
     load_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     metadata: tuple[tuple[str, str], ...] = ()  # extra instance metadata (the model card)
+    role: str = DEFAULT_ROLE
+
+    def __post_init__(self) -> None:
+        check_role(self.role)
 
     @property
     def endpoint(self) -> EndpointId:
@@ -93,6 +102,7 @@ class Worker:
     async def start(self) -> InstanceInfo:
         metadata = {"model": self.config.model_name} if self.config.model_name else {}
         metadata.update(self.config.metadata)
+        metadata[ROLE_KEY] = self.config.role
         self._served = await self.runtime.serve_endpoint(
             self.config.endpoint,
             self.generate,

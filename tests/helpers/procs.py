@@ -1,9 +1,12 @@
-"""Helpers of the multi-process tests: ``tokenmill serve --workers N`` processes (PIDs parsed
-from the ready line), process liveness by PID, and the text an uninterrupted mocker run
-produces for a response id."""
+"""``tokenmill`` subprocesses for tests: ``tokenmill serve`` on a free loopback port (ready
+when /health answers 200: ``ServerProcess``, ``running_server``), ``tokenmill serve --workers N
+--engine mocker`` (PIDs parsed from the ready line: ``Serve``), any command ready on a line
+(``Proc``), process liveness by PID, and the text an uninterrupted mocker run produces for a
+response id. Every process runs from the repository root with one OpenMP thread."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -11,25 +14,77 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from tiny_models import make_tiny_hf_model  # noqa: E402,F401  (re-exported to conftest)
-
-from tokenmill.engine.mocker import TokenSource  # noqa: E402
-from tokenmill.engine.tokenizer import Tokenizer  # noqa: E402
+from tokenmill.engine.mocker import TokenSource
+from tokenmill.engine.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"tokenmill: serving .*worker pids ([\d ]+)\)")
 NATS_PID = re.compile(r"nats \S+ pid (\d+)")
+STARTUP_TIMEOUT_S = 120.0
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now (another process may take it before it is used)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m tokenmill serve ...`` in a subprocess; ``url`` is its /v1 base."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = self.base + "/v1"
+        cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
+               "--port", str(self.port), *args]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait_ready(self) -> None:
+        """Returns once /health is 200; fails with the server's output if it exits first."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(self.base + "/health").status_code == 200:
+                        return
+                time.sleep(0.05)
+        pytest.fail("server did not become healthy")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def running_server(*args: str) -> Iterator[ServerProcess]:
+    """A ready ``ServerProcess`` for the ``with`` block, stopped (SIGTERM) afterwards."""
+    server = ServerProcess(*args)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def pid_gone(pid: int) -> bool:

@@ -1,21 +1,11 @@
-"""Fixtures for the NATS runtime tests: a real nats-server on a free loopback port per test,
-and a factory of runtimes connected to it (all shut down after the test)."""
+"""Fixtures for the runtime tests: a factory of NATS runtimes connected to the test's
+nats-server (``tests/conftest.py``), all shut down after the test."""
 
 from __future__ import annotations
 
-import pytest
 import pytest_asyncio
-from runtime_handlers import Recorder
 
 from tokenmill.runtime.nats_runtime import NatsRuntime, NatsRuntimeConfig
-from tokenmill.runtime.nats_server import NatsServer
-
-
-@pytest.fixture
-def nats_server():
-    server = NatsServer().start()
-    yield server
-    server.stop()
 
 
 @pytest_asyncio.fixture
@@ -30,6 +20,3 @@ async def make_runtime(nats_server):
     yield make
     for rt in made:
         await rt.shutdown()
-
-
-__all__ = ["Recorder", "make_runtime", "nats_server"]
