@@ -80,7 +80,8 @@ class InvalidRequestError(TokenmillError, ValueError):
     """A request or parameter a client can fix (HTTP 400). ``param`` names the field."""
 
     code = "invalid_request"
-    status, type, openai_code = 400, "invalid_request_error", None
+    status, type = 400, "invalid_request_error"
+    openai_code: str | None = None
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -219,7 +220,7 @@ def from_wire(code: str, message: str, param: str | None = None,
     cls = _REGISTRY.get(code)
     if cls is None:
         return InternalError(message)
-    exc = cls(message)  # type: ignore[call-arg]  # the registry's contract: cls(message)
+    exc = cls(message)  # the registry's contract: every registered class takes cls(message)
     exc.param = param
     if retry_after_s is not None:
         exc.retry_after_s = retry_after_s

@@ -27,7 +27,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Iterable, Mapping
 
-from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
+from tokenmill.core.errors import (
+    ContextLengthExceededError,
+    DuplicateRequestError,
+    InvalidRequestError,
+)
 from tokenmill.core.events import KvEventSink, null_sink
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
@@ -92,7 +96,7 @@ class Scheduler:
     def add_request(
         self, request: EngineRequest, prompt_hashes: tuple[list[int], list[int]] | None = None
     ) -> Request:
-        """Queue a request. Raises ``InvalidRequestError`` for a duplicate id (an unfinished
+        """Queue a request. Raises ``DuplicateRequestError`` for a duplicate id (an unfinished
         request's, or a finished one's whose blocks are still held) or an empty prompt and
         ``ContextLengthExceededError`` for a prompt over ``max_model_len``.
 
@@ -100,7 +104,7 @@ class Scheduler:
         blocks at this engine's block size and the request's salt (``core.block_hash``), so
         a simulator that already hashed the prompt skips hashing it again (trusted as is)."""
         if request.request_id in self.requests or self.kv.is_held(request.request_id):
-            raise InvalidRequestError(f"duplicate request id {request.request_id!r}", "request_id")
+            raise DuplicateRequestError.for_request(request.request_id)
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty", "prompt")
