@@ -283,7 +283,7 @@ def test_finish_requests_from_outside_keeps_tokens():
 def test_add_request_rejects_bad_requests():
     sched = make(max_model_len=16)
     add(sched, "a", [10])
-    with pytest.raises(InvalidRequestError, match="duplicate"):
+    with pytest.raises(InvalidRequestError, match="already in flight"):
         add(sched, "a", [10])
     with pytest.raises(InvalidRequestError, match="empty"):
         add(sched, "b", [])
