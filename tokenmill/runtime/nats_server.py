@@ -6,6 +6,9 @@ writes it to a ports file, so there is no bind-then-release race), with JetStrea
 temporary store directory, and returns once the port answers with the server's ``INFO`` line
 (polled, no fixed sleep). ``stop()`` kills the process and deletes the store it created; on Linux the server also gets
 SIGKILL when its parent process dies (no orphans).
+A temporary store records its owner's pid (``owner.pid``); each new ``NatsServer`` deletes the
+temporary stores whose owner is gone (a parent killed with SIGKILL never ran ``stop()``), so
+scratch directories do not pile up.
 ``restart()`` kills the process only and starts it again on the same port (and store, unless
 ``wipe_store``), which is how tests simulate a NATS outage. Not thread-safe; ``start``/``stop`` are blocking calls.
 """
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_POLL_S = 0.01
+STORE_PREFIX = "tokenmill-nats-"
+OWNER_FILE = "owner.pid"
 
 
 class NatsServerError(RuntimeError):
@@ -53,6 +58,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _owned_temp_store() -> str:
+    path = tempfile.mkdtemp(prefix=STORE_PREFIX)
+    Path(path, OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphan_stores(root: str | None = None) -> list[str]:
+    """Deletes the temporary stores under ``root`` (default: the temp dir) whose owner
+    process is gone; a store without an owner file (being created, or not ours) is left.
+    Returns the deleted paths."""
+    removed = []
+    for path in glob.glob(os.path.join(root or tempfile.gettempdir(), STORE_PREFIX + "*")):
+        try:
+            owner = int(Path(path, OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @dataclass(frozen=True)
 class NatsServerConfig:
     host: str = "127.0.0.1"
@@ -69,7 +106,9 @@ class NatsServer:
         self.config = config or NatsServerConfig()
         self._proc: subprocess.Popen[bytes] | None = None
         self._owns_store = self.config.store_dir is None
-        self.store_dir = self.config.store_dir or tempfile.mkdtemp(prefix="tokenmill-nats-")
+        if self._owns_store:
+            remove_orphan_stores()
+        self.store_dir = self.config.store_dir or _owned_temp_store()
         self.port = self.config.port
 
     @property
