@@ -13,8 +13,8 @@ from helpers.tiny_models import TEST_DEVICE
 from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.builder import build_real_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
-from tokenmill.engine.core import build_engine_core
 from tokenmill.engine.loader import load_model
 
 POISON, NAN_TOKEN = 290, 291
@@ -47,7 +47,7 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture
 def core(loaded):
-    c = build_engine_core(loaded, CacheConfig(4, 64), SchedulerConfig(max_model_len=64))
+    c = build_real_core(loaded, SchedulerConfig(max_model_len=64), cache=CacheConfig(4, 64))
     yield c
     c.check_integrity()
     assert c.scheduler.kv.num_used_blocks == 0
@@ -124,7 +124,7 @@ def test_exception_in_one_request_fails_only_it(core, loaded):
     assert outs["bad"][-1].finish_reason == FinishReason.ERROR
     assert "poisoned batch" in outs["bad"][-1].error
     assert outs["good"][-1].finish_reason == FinishReason.LENGTH
-    alone = build_engine_core(loaded, CacheConfig(4, 64), SchedulerConfig(max_model_len=64))
+    alone = build_real_core(loaded, SchedulerConfig(max_model_len=64), cache=CacheConfig(4, 64))
     alone.add_request(req("good", good))
     assert tokens(outs, "good") == tokens(drain(alone), "good")
 

@@ -7,6 +7,7 @@ import pytest
 
 from tokenmill.core.request import EngineRequest
 from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.builder import build_mock_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.mocker import (
     MockExecutor,
@@ -158,10 +159,9 @@ class _IdleCondition(threading.Condition):
 
 def test_engine_loop_wakes_the_executor_after_each_idle_wait():
     from tokenmill.engine.loop import EngineLoop
-    from tokenmill.engine.mocker import build_mock_engine_core
 
     log: list[str] = []
-    core = build_mock_engine_core(SchedulerConfig(), CacheConfig(16, 64), vocab_size=100)
+    core = build_mock_core(CacheConfig(16, 64), SchedulerConfig(), vocab_size=100)
     core.executor.on_wake = lambda: log.append("wake")
     execute = core.executor.execute
     core.executor.execute = lambda out: (log.append("step"), execute(out))[1]
@@ -245,12 +245,10 @@ def test_no_fast_forward_while_someone_waits_or_prefills():
 
 
 def test_live_engine_core_with_mocker_streams_tokens_and_events():
-    from tokenmill.engine.mocker import build_mock_engine_core
-
     events, clock = [], FakeClock()
-    core = build_mock_engine_core(
-        SchedulerConfig(max_num_batched_tokens=512),
+    core = build_mock_core(
         CacheConfig(block_size=16, num_blocks=64),
+        SchedulerConfig(max_num_batched_tokens=512),
         pacer=_pacer(clock, speedup=100.0),
         vocab_size=1000,
         event_sink=events.append,

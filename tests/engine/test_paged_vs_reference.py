@@ -13,8 +13,8 @@ from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.builder import build_real_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
-from tokenmill.engine.core import build_engine_core
 from tokenmill.engine.executor.model_runner import ModelRunner, StepSeq
 from tokenmill.engine.loader import load_model
 from tokenmill.engine.reference import greedy_generate, reference_logits
@@ -39,7 +39,7 @@ def prompts(n: int, lengths=(5, 17, 33, 3, 24, 9)) -> list[list[int]]:
 
 def run_core(loaded, token_lists, params=GREEDY, num_blocks=64, block_size=4, **sched):
     cache = CacheConfig(block_size=block_size, num_blocks=num_blocks)
-    core = build_engine_core(loaded, cache, SchedulerConfig(max_model_len=128, **sched))
+    core = build_real_core(loaded, SchedulerConfig(max_model_len=128, **sched), cache=cache)
     for i, ids in enumerate(token_lists):
         core.add_request(EngineRequest(request_id=f"r{i}", prompt_token_ids=ids, params=params))
     tokens = {f"r{i}": [] for i in range(len(token_lists))}
@@ -113,7 +113,7 @@ def test_prefix_cache_hit_same_output_and_cached_tokens_reported(loaded):
     shared = prompts(1, lengths=(21,))[0]
     seqs = [shared, shared + [7, 8, 9]]
     cache = CacheConfig(block_size=4, num_blocks=64)
-    core = build_engine_core(loaded, cache, SchedulerConfig(max_model_len=128))
+    core = build_real_core(loaded, SchedulerConfig(max_model_len=128), cache=cache)
     results = []
     for i, ids in enumerate(seqs):  # one after the other: the second hits the first's blocks
         core.add_request(EngineRequest(request_id=f"p{i}", prompt_token_ids=ids, params=GREEDY))

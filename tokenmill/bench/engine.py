@@ -36,8 +36,9 @@ import torch
 
 from tokenmill.core.request import EngineRequest
 from tokenmill.core.sampling import SamplingParams
-from tokenmill.engine.config import CacheConfig, SchedulerConfig
-from tokenmill.engine.core import EngineCore, build_engine_core
+from tokenmill.engine.builder import build_real_core
+from tokenmill.engine.config import SchedulerConfig
+from tokenmill.engine.core import EngineCore
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACE = Path("/work/shared/data/traces/8min_up_and_down.jsonl")
@@ -105,16 +106,14 @@ def load_workload(cfg: EngineBenchConfig, tokenizer) -> Workload:
 
 
 def make_core(loaded, cfg: EngineBenchConfig, max_num_seqs: int) -> EngineCore:
-    cache = CacheConfig.from_memory_budget(
-        cfg.kv_cache_memory, loaded.config, loaded.dtype.itemsize
-    )
     sched = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=cfg.max_prompt_tokens + cfg.max_output_tokens,
     )
     kwargs = {"decode_group_size": cfg.decode_group_size, "num_threads": cfg.threads}
-    return build_engine_core(loaded, cache, sched, **{**kwargs, **cfg.runner_kwargs})
+    runner_kwargs = {**kwargs, **cfg.runner_kwargs}
+    return build_real_core(loaded, sched, kv_cache_memory=cfg.kv_cache_memory, **runner_kwargs)
 
 
 def closed_loop(core: EngineCore, work: Workload, concurrency: int) -> dict:

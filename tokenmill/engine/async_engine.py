@@ -95,9 +95,10 @@ class AsyncEngine:
 
     @classmethod
     def from_loaded(cls, loaded, cache_config, scheduler_config, **runner_kwargs) -> AsyncEngine:
-        from tokenmill.engine.core import build_engine_core
+        """Over ``builder.build_real_core(loaded, scheduler_config, cache=cache_config)``."""
+        from tokenmill.engine.builder import build_real_core
 
-        return cls(build_engine_core(loaded, cache_config, scheduler_config, **runner_kwargs))
+        return cls(build_real_core(loaded, scheduler_config, cache=cache_config, **runner_kwargs))
 
     async def __aenter__(self) -> AsyncEngine:
         return self

@@ -14,10 +14,8 @@ from pathlib import Path
 from tokenmill.core.errors import InvalidRequestError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.builder import DEFAULT_KV_CACHE_MEMORY, build_real_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
-from tokenmill.engine.core import build_engine_core
-
-DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of K and V for the whole pool
 
 
 @dataclass
@@ -73,18 +71,15 @@ class LLM:
 
         self.loaded = load_model(model, dtype=dtype, device=device)
         config = self.loaded.config
-        if num_blocks is None:
-            itemsize = self.loaded.dtype.itemsize
-            cache = CacheConfig.from_memory_budget(kv_cache_memory, config, itemsize, block_size)
-        else:
-            cache = CacheConfig(block_size, num_blocks)
+        cache = None if num_blocks is None else CacheConfig(block_size, num_blocks)
         sched = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len or config.max_position_embeddings,
             enable_prefix_caching=enable_prefix_caching,
         )
-        self.core = build_engine_core(self.loaded, cache, sched, **runner_kwargs)
+        self.core = build_real_core(self.loaded, sched, cache=cache, block_size=block_size,
+                                    kv_cache_memory=kv_cache_memory, **runner_kwargs)  # fmt: skip
         self.tokenizer = self.loaded.tokenizer
         self._next_id = 0
 

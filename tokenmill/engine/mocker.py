@@ -13,17 +13,19 @@ that completes its prefill, so one request alone has TTFT = prefill_ms(N) exactl
 "decode": [[u, ms], ...]}``, linear between points, clamped at the ends).
 
 Token ids come from a deterministic function of (request id, position, seed) over a
-configurable vocabulary. For live use a ``StepPacer`` makes each step *end* on its simulated
+configurable vocabulary. ``tokenmill.engine.builder.build_mock_core`` assembles a mocker
+``EngineCore``; the offline replay steps such cores on its virtual clock. For live use a
+``StepPacer`` makes each step *end* on its simulated
 deadline (``step start + step_ms / speedup_ratio``): the real CPU work of a busy engine
 (scheduling, output handling, the executor itself) is absorbed inside the simulated step, as
 in the offline replay, instead of being added to it.
 
-``decode_run_length`` / ``advance_decode`` are a thin fast-forward wrapper around the
-scheduler for offline replay: k pure-decode steps in which nothing but the token counts
-changes (no allocation, no block becoming full, no finish, nobody waiting) are applied to
-the request states directly, giving exactly the state k ``schedule``/``update_from_output``
-rounds would. They touch ``Request`` fields the scheduler owns, so they live here, next to
-the one user that needs them, and are tested against step-by-step execution.
+``decode_run_length`` / ``advance_decode`` are the replay's exact shortcut over a mocker
+core's scheduler: k pure-decode steps in which nothing but the token counts changes (no
+allocation, no block becoming full, no finish, nobody waiting: no KV event, no first token,
+no finish, nothing the replay records) are applied to the request states directly, giving exactly the state k
+``EngineCore.step`` rounds would. They touch ``Request`` fields the scheduler owns, so they
+live here, next to the one user that needs them, and are tested against stepping.
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ from typing import Protocol
 
 import xxhash
 
-from tokenmill.core.events import KvEventSink, null_sink
-from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.executor.base import Executor, ExecutorOutput
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import SchedulerOutput
@@ -197,8 +197,10 @@ class StepPacer:
 class MockExecutor(Executor):
     """Simulated executor: samples ``TokenSource`` tokens and prices the step with ``timing``.
 
-    ``pacer`` None: no sleeping (offline use reads ``last_step_ms``); otherwise each
-    ``execute`` ends on the step's deadline (``StepPacer``).
+    ``pacer`` None: no sleeping (the offline replay reads ``last_step_ms``, the simulated
+    duration of the last executed step, and advances its virtual clock by it); otherwise each
+    ``execute`` ends on the step's deadline (``StepPacer``). Requests that finished since the
+    previous step (``finished_request_ids``) are released from the token source.
     """
 
     def __init__(
@@ -225,6 +227,8 @@ class MockExecutor(Executor):
         }
 
     def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
+        if scheduler_output.finished_request_ids:
+            self.tokens.release(scheduler_output.finished_request_ids)
         self.last_step_ms = step_ms(self.timing, scheduler_output)
         if self.pacer is not None:
             self.pacer.pace(self.last_step_ms)
@@ -288,20 +292,3 @@ def advance_decode(scheduler: Scheduler, tokens: TokenSource, num_steps: int) ->
             r.all_token_ids.extend(rest)
         r.num_computed_tokens += num_steps
 
-
-def build_mock_engine_core(
-    scheduler_config: SchedulerConfig,
-    cache_config: CacheConfig,
-    timing: StepTiming | None = None,
-    pacer: StepPacer | None = None,
-    vocab_size: int = 32_000,
-    event_sink: KvEventSink = null_sink,
-):
-    """A live ``EngineCore`` whose executor is the mocker: the real scheduler and pool (KV
-    events to ``event_sink``), steps paced to wall time by ``pacer`` (None: no sleeping)."""
-    from tokenmill.engine.core import EngineCore
-
-    scheduler = Scheduler(scheduler_config, cache_config, (), event_sink)
-    tokens = TokenSource(vocab_size)
-    executor = MockExecutor(cache_config.num_blocks, cache_config.block_size, timing, tokens, pacer)
-    return EngineCore(scheduler, executor, vocab_size)

@@ -1,17 +1,29 @@
 """Offline replay: router + N mocker workers on a virtual clock (discrete events, no I/O).
 
-Each worker is the real ``Scheduler`` (with its block pool) priced by the mocker's timing;
-its KV events reach the router's indexer the moment the pool emits them (``Removed`` when a
-step allocates, ``Stored`` when a step's results are applied). The router is the production
+Each worker is a mocker ``EngineCore`` (``engine.builder.build_mock_core``: the real scheduler
+and block pool, ``MockExecutor`` without a pacer, the virtual clock), stepped by the same
+``EngineCore.step`` the live engine runs, split at its two halves:
+
+- step start event: ``core.begin_step()`` schedules and executes (the pool emits ``Removed``
+  for blocks it evicts to allocate); the step's completion is queued ``executor.last_step_ms``
+  (its simulated duration) later;
+- step completion event: ``core.finish_step(step)`` applies the results (``Stored`` for blocks
+  that became full) and returns ``RequestOutput``s: the first output of a request is its
+  first token, the one with ``finish_reason`` its finish.
+
+Requests enter through ``core.add_request`` (validated as live ones are), with the prompt's
+block hashes from ``TraceTokens`` so the engine does not hash the prompt again. KV events
+reach the router's indexer the moment the pool emits them. The router is the production
 ``KvRouter`` with a clock that reads the virtual time.
 
 Events at equal times run in this order: step completions, then arrivals, then step starts,
 so a request arriving exactly when a step ends is in the next step. A worker idles when its
-scheduler has nothing to run and wakes on the next request routed to it.
+core has nothing to run and wakes on the next request routed to it.
 
 Fast-forward (``fast_forward=True``): when a worker's next steps are pure decode with nothing
-but token counts changing (``mocker.decode_run_length``), the run of steps up to the next
-arrival is applied at once; step end times are accumulated step by step with the same float
+but token counts changing (``mocker.decode_run_length``: no KV event, no first token, no
+finish), the run of steps up to the next arrival is applied to the core's scheduler at once
+(``mocker.advance_decode``); step end times are accumulated step by step with the same float
 additions, so the timeline is identical to stepping one at a time (tested).
 """
 
@@ -22,19 +34,18 @@ import math
 from dataclasses import dataclass, field
 
 from tokenmill.core.events import EventNumberer, KvEvent
-from tokenmill.core.request import EngineRequest
+from tokenmill.core.request import EngineRequest, RequestOutput
 from tokenmill.core.sampling import SamplingParams
+from tokenmill.engine.builder import build_mock_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.core import InflightStep
 from tokenmill.engine.mocker import (
     MockExecutor,
     PolynomialTiming,
     StepTiming,
-    TokenSource,
     advance_decode,
     decode_run_length,
-    step_ms,
 )
-from tokenmill.engine.scheduler import Scheduler
 from tokenmill.router.router import KvRouter, Queued, Routed, RouterConfig
 from tokenmill.sim.report import RequestRecord, build_report
 from tokenmill.sim.trace import TraceRequest, TraceTokens
@@ -67,7 +78,9 @@ class ReplayConfig:
 
 
 class _Worker:
-    def __init__(self, worker_id: int, cfg: ReplayConfig, publish, timing: StepTiming):
+    """One simulated replica: a mocker ``EngineCore`` and where its step loop stands."""
+
+    def __init__(self, worker_id: int, cfg: ReplayConfig, publish, timing: StepTiming, clock):
         sched_cfg = SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -77,11 +90,17 @@ class _Worker:
             watermark=cfg.watermark,
         )
         cache_cfg = CacheConfig(block_size=cfg.block_size, num_blocks=cfg.num_blocks)
-        self.scheduler = Scheduler(sched_cfg, cache_cfg, (), EventNumberer(worker_id, publish))
-        tokens = TokenSource(cfg.vocab_size, cfg.seed)
-        self.executor = MockExecutor(cfg.num_blocks, cfg.block_size, timing, tokens)
-        self.busy = False
-        self.num_steps = 0
+        self.core = build_mock_core(
+            cache_cfg,
+            sched_cfg,
+            timing=timing,
+            vocab_size=cfg.vocab_size,
+            seed=cfg.seed,
+            event_sink=EventNumberer(worker_id, publish),
+            clock=clock,
+        )
+        self.executor: MockExecutor = self.core.executor
+        self.busy = False  # a step start or completion event is in the heap
         self.num_ff_steps = 0
 
 
@@ -94,9 +113,12 @@ class Replay:
         self.cfg = cfg
         self.requests = sorted(requests, key=lambda r: r.arrival_ms)
         self.now = 0.0  # virtual ms
-        self.router = KvRouter(cfg.router, clock=lambda: self.now / 1000.0)
+        self.router = KvRouter(cfg.router, clock=self._clock_s)
         self.timing = timing or PolynomialTiming()
-        self.workers = [_Worker(w, cfg, self._publish, self.timing) for w in range(cfg.num_workers)]
+        clock = self._clock_s
+        self.workers = [
+            _Worker(w, cfg, self._publish, self.timing, clock) for w in range(cfg.num_workers)
+        ]
         for w in range(cfg.num_workers):
             self.router.add_worker(w)
         self.tokens = TraceTokens(cfg.trace_block_size, cfg.block_size, cfg.vocab_size)
@@ -107,6 +129,9 @@ class Replay:
         self._next = 0  # index of the next arrival
 
     # ---- event plumbing ------------------------------------------------------------------
+    def _clock_s(self) -> float:
+        return self.now / 1000.0
+
     def _publish(self, event: KvEvent) -> None:
         if self.router.apply_event(event) is not None:
             self.num_event_gaps += 1
@@ -137,89 +162,92 @@ class Replay:
 
     # ---- handlers ------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
-        tokens, hashes = self.tokens.prompt(req)
+        prompt = self.tokens.prompt_blocks(req)
+        tokens, hashes, _ = prompt
         rec = RequestRecord(req.request_id, self.now, req.input_length, req.output_length)
         self.records[req.request_id] = rec
         decision = self.router.route(req.request_id, hashes, len(tokens))
         if isinstance(decision, Routed):
-            self._dispatch(decision, tokens, rec)
+            self._dispatch(decision, prompt, rec)
         elif isinstance(decision, Queued):
-            rec.pending_tokens = tokens
+            rec.pending_prompt = prompt
         else:
             rec.shed = True
 
-    def _dispatch(self, decision: Routed, tokens: list[int], rec: RequestRecord) -> None:
+    def _dispatch(self, decision: Routed, prompt: tuple, rec: RequestRecord) -> None:
+        """``prompt``: ``TraceTokens.prompt_blocks``; the engine takes the hashes as they are."""
+        tokens, hashes, local = prompt
         rec.worker = decision.worker_id
         params = SamplingParams(max_tokens=rec.output_length, ignore_eos=True)
-        request = EngineRequest(request_id=rec.request_id, prompt_token_ids=tokens, params=params)
+        request = EngineRequest(request_id=rec.request_id, prompt_token_ids=tokens, params=params,
+                                arrival_time=self.now / 1000.0)  # fmt: skip
         worker = self.workers[decision.worker_id]
-        worker.scheduler.add_request(request)
+        worker.core.add_request(request, (hashes, local))
         if not worker.busy:
             worker.busy = True
             self._push(self.now, _START, decision.worker_id)
 
     def _start(self, w: int) -> None:
+        """A step starts: ``begin_step`` now (allocation: ``Removed`` events), its completion
+        ``last_step_ms`` later; or a fast-forwarded run of decode steps; or the worker idles."""
         worker = self.workers[w]
-        sched = worker.scheduler
         if self.cfg.fast_forward and self.cfg.router.queue.busy_prefill_tokens is None:
-            k = decode_run_length(sched)
+            k = decode_run_length(worker.core.scheduler)
             if k > 1:
                 self._fast_forward(w, worker, k)
                 return
-        out = sched.schedule()
-        if out.is_empty:
+        step = worker.core.begin_step()
+        if step is None:
             worker.busy = False
             return
-        worker.num_steps += 1
-        sampled = worker.executor.sample(out)
-        self._push(self.now + step_ms(self.timing, out), _COMPLETE, w, (out, sampled))
+        self._push(self.now + worker.executor.last_step_ms, _COMPLETE, w, step)
 
     def _fast_forward(self, w: int, worker: _Worker, k: int) -> None:
-        sched = worker.scheduler
+        """Up to ``k`` decode steps, ending at the first step end at or after the next arrival
+        (so a request arriving mid-run joins where it would have joined stepping)."""
+        sched = worker.core.scheduler
         dt = self.timing.decode_ms(sched.kv.num_used_blocks / sched.kv.num_blocks)
         t_arr = self._next_arrival_ms()
         t, steps = self.now, 0
         while steps < k and t < t_arr:
-            t += dt
+            t += dt  # one addition per step: the same floats as stepping
             steps += 1
         advance_decode(sched, worker.executor.tokens, steps)
-        worker.num_steps += steps
         worker.num_ff_steps += steps
         self._push(t, _COMPLETE, w, None)
 
-    def _complete(self, w: int, payload: object) -> None:
+    def _complete(self, w: int, step: InflightStep | None) -> None:
+        """A step ends: ``finish_step`` (``Stored`` events), records, router queue, next step."""
         worker = self.workers[w]
-        if payload is not None:
-            out, sampled = payload
-            for update in worker.scheduler.update_from_output(out, sampled):
-                self._on_update(worker, update)
+        if step is not None:
+            for out in worker.core.finish_step(step):
+                self._on_output(out)
             for decision in self.router.drain():
                 rec = self.records[decision.request_id]
                 rec.queued_ms = decision.queued_s * 1000.0
-                tokens, rec.pending_tokens = rec.pending_tokens, None
-                self._dispatch(decision, tokens, rec)
-        if worker.scheduler.has_unfinished_requests():
+                prompt, rec.pending_prompt = rec.pending_prompt, None
+                self._dispatch(decision, prompt, rec)
+        if worker.core.has_unfinished_requests():
             self._push(self.now, _START, w)
         else:
             worker.busy = False
 
-    def _on_update(self, worker: _Worker, update) -> None:
-        rid = update.request_id
+    def _on_output(self, out: RequestOutput) -> None:
+        rid = out.request_id
         rec = self.records[rid]
         if rec.first_token_ms < 0:
             rec.first_token_ms = self.now
             self.router.mark_prefill_done(rid)
-        if update.finished:
+        if out.finish_reason is not None:
             rec.finish_ms = self.now
-            rec.num_output_tokens = update.num_output_tokens
-            rec.num_cached_tokens = update.num_cached_tokens
+            rec.num_output_tokens = out.num_output_tokens
+            rec.num_cached_tokens = out.num_cached_tokens
             self.router.mark_finished(rid)
-            worker.executor.release((rid,))
 
     def report(self) -> dict:
-        stats = [w.scheduler.stats() for w in self.workers]
+        stats = [w.core.scheduler.stats() for w in self.workers]
         extra = {
-            "num_steps": sum(w.num_steps for w in self.workers),
+            "num_steps": sum(w.core.num_steps + w.num_ff_steps for w in self.workers),
             "num_fast_forward_steps": sum(w.num_ff_steps for w in self.workers),
             "num_event_gaps": self.num_event_gaps,
         }

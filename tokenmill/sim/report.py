@@ -36,7 +36,8 @@ class RequestRecord:
     num_cached_tokens: int = 0
     queued_ms: float = 0.0
     shed: bool = False
-    pending_tokens: list[int] | None = None  # prompt of a request waiting in the router queue
+    # a request waiting in the router queue: its prompt as ``TraceTokens.prompt_blocks`` gives it
+    pending_prompt: tuple[list[int], list[int], list[int]] | None = None
 
     @property
     def done(self) -> bool:

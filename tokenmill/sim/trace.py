@@ -7,8 +7,9 @@ a prompt is its blocks concatenated, the last one cut to ``input_length``. Reque
 share a timestamp arrive together (the trace's ~3 s buckets fire as bursts); arrival times
 are ``(timestamp - first timestamp) / arrival_speed`` ms.
 
-The engine's block hashes (``core.block_hash``, ``block_size`` tokens) of a prompt are
-assembled from a per-(parent, hash id) cache, so each trace block is hashed once per run.
+The engine's block hashes (``core.block_hash``, ``block_size`` tokens; sequence and local) of
+a prompt are assembled from a per-(parent, hash id) cache, so each trace block is hashed once
+per run; the replay hands them to its engines, which then do not hash prompts again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from tokenmill.bench.traces import mooncake_tokens
 from tokenmill.bench.traces import read_mooncake as read_mooncake_rows
-from tokenmill.core.block_hash import block_hashes
+from tokenmill.core.block_hash import chain_hashes, local_block_hashes
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,24 @@ class TraceTokens:
         self.trace_block_size = trace_block_size
         self.block_size = block_size
         self.vocab_size = vocab_size
+        # (parent sequence hash, trace hash id) -> the block's sequence hashes, then its local
+        # hashes: one list, not two in a tuple (two objects more for the GC to track, per
+        # trace block of the run, made the replay's collections twice as frequent)
         self._hashes: dict[tuple[int | None, int], list[int]] = {}
 
     def prompt(self, req: TraceRequest) -> tuple[list[int], list[int]]:
         """``(token ids, sequence hashes of its full block_size blocks)`` of a prompt."""
+        tokens, hashes, _ = self.prompt_blocks(req)
+        return tokens, hashes
+
+    def prompt_blocks(self, req: TraceRequest) -> tuple[list[int], list[int], list[int]]:
+        """``(token ids, sequence hashes, local hashes)``: the hashes of the prompt's full
+        ``block_size`` blocks as the router looks them up and as an engine's scheduler would
+        compute them (``Scheduler.add_request``'s ``prompt_hashes``)."""
         ids = np.array(req.hash_ids, dtype=np.uint64)
         blocks = mooncake_tokens(ids, self.trace_block_size, self.vocab_size)  # [n, tbs]
         tokens = blocks.ravel()[: req.input_length].tolist()
-        return tokens, self._hashes_of(req, blocks)
+        return (tokens, *self._hashes_of(req, blocks))
 
     def prompt_tokens(self, req: TraceRequest) -> list[int]:
         return self.prompt(req)[0]
@@ -78,19 +89,22 @@ class TraceTokens:
         """Sequence hashes of the prompt's full ``block_size`` blocks (what the engine caches)."""
         return self.prompt(req)[1]
 
-    def _hashes_of(self, req: TraceRequest, blocks: np.ndarray) -> list[int]:
-        out: list[int] = []
+    def _hashes_of(self, req: TraceRequest, blocks: np.ndarray) -> tuple[list[int], list[int]]:
+        seq: list[int] = []
+        local: list[int] = []
         parent: int | None = None
-        cache = self._hashes
+        cache, per_block = self._hashes, self.trace_block_size // self.block_size
         for i, h in enumerate(req.hash_ids):
             key = (parent, h)
             chunk = cache.get(key)
             if chunk is None:
-                chunk = cache[key] = block_hashes(blocks[i], self.block_size, parent=parent)
-            out.extend(chunk)
-            parent = chunk[-1]
-        return out[: req.input_length // self.block_size]
-
+                new_local = local_block_hashes(blocks[i], self.block_size)
+                chunk = cache[key] = chain_hashes(new_local, parent) + new_local
+            seq += chunk[:per_block]
+            local += chunk[per_block:]
+            parent = chunk[per_block - 1]
+        num_full = req.input_length // self.block_size
+        return seq[:num_full], local[:num_full]
 
 def scaled_copies(
     requests: list[TraceRequest], num_requests: int, shift_ms: float
