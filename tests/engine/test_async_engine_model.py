@@ -11,7 +11,7 @@ from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.builder import build_async_engine, build_real_core
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.loader import load_model
 from tokenmill.engine.reference import greedy_generate
@@ -27,7 +27,7 @@ async def test_concurrent_streams_equal_reference_greedy(tiny_model_dir):
         request = EngineRequest(request_id=f"r{i}", prompt_token_ids=prompts[i], params=params)
         return [out async for out in engine.generate(request)]
 
-    async with AsyncEngine.from_loaded(loaded, cache, sched) as engine:
+    async with build_async_engine(build_real_core(loaded, sched, cache=cache)) as engine:
         outs = await asyncio.gather(*(stream(engine, i) for i in range(len(prompts))))
     got = [[t for o in out for t in o.new_token_ids] for out in outs]
     assert got == greedy_generate(loaded.model, prompts, 6, eos_token_ids=())

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.request import EngineRequest
 from tokenmill.core.sampling import SamplingParams

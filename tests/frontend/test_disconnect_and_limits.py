@@ -76,14 +76,13 @@ async def test_non_streaming_disconnect_frees_blocks(tokenizer):
 
 
 async def test_streaming_disconnect_frees_blocks_real_engine(tiny_model_dir):
-    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.builder import build_async_engine, build_real_core
     from tokenmill.engine.config import CacheConfig, SchedulerConfig
     from tokenmill.engine.loader import load_model
 
     loaded = load_model(tiny_model_dir, dtype="fp32", device="cpu")
-    engine = AsyncEngine.from_loaded(
-        loaded, CacheConfig(16, 64), SchedulerConfig(max_model_len=256)
-    )
+    core = build_real_core(loaded, SchedulerConfig(max_model_len=256), cache=CacheConfig(16, 64))
+    engine = build_async_engine(core)
     model = ServedModel("tiny", loaded.tokenizer, 256)
     stack = await assemble_stack(engine, model, FrontendConfig())
     async with InProcessServer(stack) as server:

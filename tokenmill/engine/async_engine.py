@@ -93,13 +93,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._loop = EngineLoop(core, self._on_outputs, self._on_dead, clock).start()
 
-    @classmethod
-    def from_loaded(cls, loaded, cache_config, scheduler_config, **runner_kwargs) -> AsyncEngine:
-        """Over ``builder.build_real_core(loaded, scheduler_config, cache=cache_config)``."""
-        from tokenmill.engine.builder import build_real_core
-
-        return cls(build_real_core(loaded, scheduler_config, cache=cache_config, **runner_kwargs))
-
     async def __aenter__(self) -> AsyncEngine:
         return self
 
