@@ -148,11 +148,14 @@ def scrape(port: int) -> dict[str, tuple[float, float]]:
     """(sum, count) of each ``SERVER_HISTOGRAMS`` entry from the frontend's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.partition("{")[0]  # summed over labels (model)
         if name.endswith(("_sum", "_count")):
-            values[name] = float(value)
+            values[name] = values.get(name, 0.0) + float(value)
     return {
         key: (values.get(f"{metric}_sum", 0.0), values.get(f"{metric}_count", 0.0))
         for key, metric in SERVER_HISTOGRAMS.items()

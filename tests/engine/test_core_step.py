@@ -18,7 +18,8 @@ SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len
 
 
 def _core(events: list):
-    return build_mock_core(CACHE, SCHED, vocab_size=50, event_sink=events.append)
+    # a still clock: outputs carry queue times, which must not differ by wall time
+    return build_mock_core(CACHE, SCHED, vocab_size=50, event_sink=events.append, clock=lambda: 0.0)
 
 
 def _req(i: int) -> EngineRequest:

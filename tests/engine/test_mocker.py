@@ -263,3 +263,22 @@ def test_live_engine_core_with_mocker_streams_tokens_and_events():
     assert clock.slept[0] == pytest.approx(PolynomialTiming().prefill_ms(40) / 1000 / 100)
     assert len(clock.slept) == 4 and events  # 2 full prompt blocks stored
     core.scheduler.check_integrity()
+
+
+def test_queue_time_is_add_to_first_scheduled_on_the_first_output_only():
+    from tokenmill.engine.builder import build_mock_core
+
+    clock = FakeClock()
+    core = build_mock_core(CacheConfig(16, 16), SchedulerConfig(max_num_seqs=1, max_model_len=64),
+                           clock=clock)  # fmt: skip
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rid in ("a", "b"):
+        core.add_request(EngineRequest(request_id=rid, prompt_token_ids=[1, 2, 3], params=params))
+    outs: dict[str, list] = {"a": [], "b": []}
+    while core.has_unfinished_requests():
+        clock.now += 0.5  # each step starts half a second later
+        for out in core.step():
+            outs[out.request_id].append(out.queue_time_s)
+    # a: scheduled by the first step (0.5 s after it was added); b waits for a's two steps
+    assert outs == {"a": [0.5, None], "b": [1.5, None]}
+    core.check_integrity()

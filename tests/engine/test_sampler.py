@@ -8,7 +8,7 @@ import torch
 from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.errors import InvalidRequestError
-from tokenmill.core.sampling import SamplingParams
+from tokenmill.core.sampling import MAX_SEED, MIN_SEED, SamplingParams
 from tokenmill.engine.executor.sampler import Sampler, SamplingRow
 
 V = 10
@@ -177,3 +177,11 @@ def test_each_invalid_parameter_is_rejected_by_name(param, value):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**{param: value})
     assert e.value.param == param
+
+
+@pytest.mark.parametrize("seed", [MIN_SEED, -1, 0, 2**63, MAX_SEED])
+def test_the_seed_range_sampling_params_accept_is_the_generators(seed):
+    out = Sampler([EOS], TEST_DEVICE).sample(logits_of(BASE), [row(seed=seed)])
+    assert not out.errors and len(out.sampled["a"]) == 1
+    with pytest.raises(ValueError):  # one past either end overflows in the generator
+        torch.Generator().manual_seed(MAX_SEED + 1 if seed > 0 else MIN_SEED - 1)

@@ -159,3 +159,21 @@ def test_hf_dir_config_variants(tmp_path):
     config_file.write_text(json.dumps(config))
     (model_dir / "chat_template.jinja").write_text("J{{ messages | length }}")
     assert Tokenizer.from_hf_dir(model_dir).apply_chat_template([{"role": "user", "content": ""}]) == "J1"
+
+
+def test_token_bytes_are_the_raw_bytes_even_for_half_a_character(tiny_model_dir):
+    text = "Unicode: 東京タワー 🙂 café <|im_end|> done"
+    for tok in (Tokenizer.from_hf_dir(tiny_model_dir("llama3")),
+                Tokenizer.from_gguf(byte_level_fields(tiny_tokenizer(), "gpt2", SPECIAL_TOKENS))):  # fmt: skip
+        ids = tok.encode(text)
+        halves = [i for i in ids if tok.decode([i]) == "\ufffd"]
+        assert halves and all(tok.token_bytes(i) != "\ufffd".encode() for i in halves)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback_and_spaces():
+    tok = Tokenizer.from_gguf(sentencepiece_fields(SP_CORPUS, with_merges=True))
+    text = "The fox saw 東京"
+    ids = tok.encode(text)
+    assert any(tok.id_to_token(i).startswith("<0x") for i in ids)  # 東京 falls back to bytes
+    assert b"".join(tok.token_bytes(i) for i in ids) == b" " + text.encode()  # the prefix space

@@ -1,5 +1,6 @@
 """Hostile and malformed requests get the right 4xx in OpenAI's error shape, and the server
-keeps serving; a hypothesis fuzz over the request fields finds no 5xx."""
+keeps serving; a hypothesis fuzz over the request fields finds no 5xx. ``CASES`` is the
+table: request -> status, error param and code (a 200 row: a value that must be accepted)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def comp(**fields) -> bytes:
 
 
 CASES = [
-    # (name, path, body, status, param or None, code or None)
+    # (name, path, body, status, param or None, code or None); 200: accepted
     ("bad json", CHAT, b'{"messages": [', 400, None, None),
     ("not an object", CHAT, b"[1, 2]", 400, None, None),
     ("empty body", CHAT, b"", 400, None, None),
@@ -43,7 +44,13 @@ CASES = [
     ("bad role", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
     ("image part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "messages[0].content", None),
     ("tools", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", None),
+    ("tool_choice auto", CHAT, chat(tool_choice="auto"), 400, "tool_choice", None),
     ("response_format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", None),
+    # what SDKs send as defaults: no-ops, accepted
+    ("no tools", CHAT, chat(tools=[]), 200, None, None),
+    ("tool_choice none", CHAT, chat(tool_choice="none"), 200, None, None),
+    ("text response_format", CHAT, chat(response_format={"type": "text"}), 200, None, None),
+    ("all three defaults", CHAT, chat(tools=[], tool_choice="none", response_format={"type": "text"}), 200, None, None),
     ("prompt beyond context", COMP, comp(prompt="word " * 400), 400, "prompt", "context_length_exceeded"),
     ("token id too big", COMP, comp(prompt=[1, 2, 10**6]), 400, "prompt", None),
     ("negative token id", COMP, comp(prompt=[-1]), 400, "prompt", None),
@@ -52,9 +59,18 @@ CASES = [
     ("token id too big in a list of lists", COMP, comp(prompt=[[1], [2, 10**6]]), 400, "prompt", None),
     ("empty prompt list", COMP, comp(prompt=[]), 400, "prompt", None),
     ("mixed prompt list", COMP, comp(prompt=["a", 1]), 400, "prompt", None),
+    ("prompt object", COMP, comp(prompt={"hello world": 1, "x": 2}), 400, "prompt", None),
+    ("empty prompt object", COMP, comp(prompt={}), 400, "prompt", None),
+    ("seed beyond 64 bits", COMP, comp(seed=1208925819614629174706176), 400, "seed", None),
+    ("seed below -2**63", CHAT, chat(seed=-(2**63) - 1), 400, "seed", None),
+    ("largest seed", COMP, comp(seed=2**64 - 1), 200, None, None),
+    ("largest seed, two choices", COMP, comp(seed=2**64 - 1, n=2), 400, "seed", None),
     ("temperature out of range", COMP, comp(temperature=-1), 400, "temperature", None),
     ("top_p zero", COMP, comp(top_p=0), 400, "top_p", None),
-    ("too many logprobs", CHAT, chat(logprobs=True, top_logprobs=50), 400, "logprobs", None),
+    ("too many top_logprobs", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
+    ("negative top_logprobs", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs", None),
+    ("too many logprobs", COMP, comp(logprobs=21), 400, "logprobs", None),
+    ("text part without text", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400, "messages[0].content[0].text", None),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs", None),
     ("logit_bias key", COMP, comp(logit_bias={"abc": 1}), 400, "logit_bias", None),
     ("logit_bias out of vocab", COMP, comp(logit_bias={"999999": 1}), 400, "logit_bias", None),
@@ -77,8 +93,24 @@ def test_bad_request_gets_its_status(echo_server, name, path, body, status, para
     r = httpx.post(
         echo_server.url + path, content=body, headers={"content-type": "application/json"}
     )
+    if status == 200:  # accepted: an ordinary response
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        return
     error = assert_openai_error(r, status)
     assert (error["param"], error["code"]) == (param, code)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs must be in [0, 20]"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+     "messages[0].content[0]: a text part needs a 'text' string"),
+    (chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+     "messages[0].content: only text parts are supported, got 'image_url'"),
+])  # fmt: skip
+def test_the_message_says_what_is_wrong(echo_server, body, message):
+    r = httpx.post(echo_server.url + CHAT, content=body)
+    assert assert_openai_error(r, 400)["message"] == message
 
 
 def test_oversized_body_is_413_and_server_still_serves(echo_server):

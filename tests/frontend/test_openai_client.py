@@ -149,6 +149,29 @@ def test_models_and_unknown_model(client):
     assert e.value.body["code"] == "model_not_found"
 
 
+def test_models_retrieve(client):
+    model = client.models.retrieve("tiny")
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "tokenmill")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_logprob_bytes_are_the_tokens_raw_bytes(client, tokenizer):
+    messages = [{"role": "user", "content": "東京タワー"}]
+    prompt = chat_prompt_ids(tokenizer, messages)
+    resp = client.chat.completions.create(model="tiny", messages=messages, logprobs=True,
+                                          top_logprobs=1, max_tokens=len(prompt))  # fmt: skip
+    content = resp.choices[0].logprobs.content
+    halves = [t for t in content if t.token == "\ufffd"]  # a token that is part of a character
+    assert halves and all(t.bytes != list("\ufffd".encode()) for t in halves)
+    assert all(t.bytes == t.top_logprobs[0].bytes for t in content)  # echo: top-1 is the token
+    raw = b"".join(bytes(t.bytes) for t in content)
+    ids = [t for t in prompt if t not in tokenizer.eos_token_ids]  # echoed, cycled
+    assert raw == b"".join(tokenizer.token_bytes(ids[i % len(ids)]) for i in range(len(content)))
+    assert "東京タワー".encode() in raw
+
+
 def test_metrics_move_after_traffic(echo_server, client):
     def sample(name: str) -> float:
         text = httpx.get(echo_server.base + "/metrics").text
@@ -156,12 +179,17 @@ def test_metrics_move_after_traffic(echo_server, client):
                      ln.startswith(name + "{")), None)  # fmt: skip
         return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
-    ok = 'tokenmill_requests_total{endpoint="completions",status="200"}'
-    before = (sample(ok), sample("tokenmill_generation_tokens_total"))
-    client.completions.create(model="tiny", prompt="metrics", max_tokens=7)
-    after = (sample(ok), sample("tokenmill_generation_tokens_total"))
-    assert (after[0] - before[0], after[1] - before[1]) == (1.0, 7.0)
-    assert sample("tokenmill_time_to_first_token_seconds_count") > 0
+    names = ['tokenmill_requests_total{endpoint="completions",model="tiny",status="200"}',
+             'tokenmill_generation_tokens_total{model="tiny"}',
+             'tokenmill_request_finish_total{finish_reason="length",model="tiny"}',
+             'tokenmill_request_prompt_tokens_count{model="tiny"}',
+             'tokenmill_request_generation_tokens_sum{model="tiny"}',
+             'tokenmill_request_generation_tokens_bucket{model="tiny",le="10.0"}']  # fmt: skip
+    before = [sample(name) for name in names]
+    client.completions.create(model="tiny", prompt="metrics", max_tokens=7, n=2)
+    after = [sample(name) for name in names]
+    assert [y - x for x, y in zip(before, after, strict=True)] == [1, 14, 2, 1, 14, 0]
+    assert sample('tokenmill_time_to_first_token_seconds_count{model="tiny"}') > 0
     assert sample("tokenmill_router_decisions_total") > 0
 
 
@@ -191,3 +219,21 @@ def test_real_engine_greedy_stream_equals_whole_and_caches(real_server):
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
     comp = client.completions.create(model="llama3", prompt="hello", max_tokens=4, n=2, logprobs=1)
     assert len(comp.choices) == 2 and all(len(c.logprobs.tokens) == 4 for c in comp.choices)
+
+
+def test_real_engine_rejects_a_seed_its_generator_cannot_take(real_server):
+    client = openai.OpenAI(base_url=real_server.url, api_key="sekret", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="llama3", prompt="hi", max_tokens=2,
+                                  seed=1208925819614629174706176)  # fmt: skip
+    assert e.value.body["param"] == "seed"
+    ok = client.completions.create(model="llama3", prompt="hi", max_tokens=2, seed=2**64 - 1)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_bearer_scheme_is_case_insensitive(real_server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(real_server.url + "/models", headers={"authorization": f"{scheme} sekret"})
+        assert r.status_code == 200, scheme
+    r = httpx.get(real_server.url + "/models", headers={"authorization": "Basic sekret"})
+    assert r.status_code == 401

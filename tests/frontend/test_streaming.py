@@ -79,7 +79,8 @@ def ctx() -> ServeContext:
 
 def samples(metrics: FrontendMetrics, name: str) -> float:
     text = generate_latest(metrics.registry).decode()
-    return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[1])
+    line = next(ln for ln in text.splitlines() if ln.startswith((name + " ", name + "{")))
+    return float(line.rsplit(" ", 1)[1])
 
 
 async def test_a_batch_of_outputs_becomes_its_events_in_one_call(ctx):

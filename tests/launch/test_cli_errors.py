@@ -24,6 +24,7 @@ CASES = [
     (["router", "--nats", "n", "--block-size", "0"], "--block-size: must be in [1, inf), got 0"),
     (["replay", "--trace", "t", "--watermark", "2"], "--watermark: must be in [0, 1), got 2"),
     (["--log-level", "BOGUS", "serve"], "--log-level: invalid choice: 'BOGUS'"),
+    (["serve", "--max-tokens-default", "0"], "--max-tokens-default: must be in [1, inf), got 0"),
 ]
 
 

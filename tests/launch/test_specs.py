@@ -161,3 +161,22 @@ def test_router_specs():
     assert RouterSpec.from_args(parse(["frontend", "--nats", "n", "--remote-router"])).remote
     with pytest.raises(SystemExit):
         parse(["router", "--nats", "n", "--router-mode", "round-robin"])
+
+
+@pytest.mark.parametrize("command", [["serve"], ["frontend", "--nats", "n"]])
+def test_frontend_flags_reach_the_frontend_config(command):
+    from tokenmill.launch.specs import frontend_config
+
+    parse = build_parser().parse_args
+    config = frontend_config(parse([*command, "--api-key", "k", "--protect-metrics",
+                                    "--max-tokens-default", "512"]))  # fmt: skip
+    assert (config.api_key, config.protect_metrics, config.max_tokens_default) == ("k", True, 512)
+    plain = frontend_config(parse(command))
+    assert (plain.protect_metrics, plain.max_tokens_default) == (False, None)
+
+
+def test_protect_metrics_without_a_key_is_a_cli_error(capsys):
+    from tokenmill.launch.cli import main
+
+    assert main(["serve", "--engine", "echo", "--protect-metrics"]) == 2
+    assert "tokenmill: error: --protect-metrics needs --api-key" in capsys.readouterr().err

@@ -47,6 +47,9 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 
     The last output of a stream has ``finish_reason`` set (and ``error`` when it is ERROR).
     ``stop_reason`` is the stop string or stop token id that ended it, if any.
+    ``queue_time_s``, on a request's first output only (None on the others, and from an
+    engine that does not measure it): seconds from its arrival in the engine to its first
+    scheduling (waiting for a batch slot or for free KV blocks).
     """
 
     request_id: str
@@ -60,6 +63,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     version: int = REQUEST_VERSION
+    queue_time_s: float | None = None
 
     @property
     def finished(self) -> bool:

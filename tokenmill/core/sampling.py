@@ -8,6 +8,9 @@ import msgspec
 from tokenmill.core.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# the seeds ``torch.Generator.manual_seed`` takes (a negative one is read as its two's
+# complement); one outside overflows in the sampler
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -17,7 +20,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ``max_tokens=None`` means "up to the context length". ``stop`` strings never appear in
     the output text; ``stop_token_ids`` end the request like EOS but are kept in token ids.
     ``logprobs=k`` returns the sampled token's logprob plus the top ``k`` alternatives.
-    ``seed`` gives the request its own generator: same seed, same text, whatever the batch.
+    ``seed`` gives the request its own generator: same seed, same text, whatever the batch;
+    it must be in ``[MIN_SEED, MAX_SEED]`` (the frontend seeds choice ``j`` of ``n`` with
+    ``seed + j``, so ``seed + n - 1`` must be too).
     """
 
     n: int = 1
@@ -58,6 +63,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
             f"must be in [0, {MAX_LOGPROBS}]",
+        )
+        _check(
+            self.seed is None or MIN_SEED <= self.seed <= MAX_SEED,
+            "seed",
+            "must be in [-2**63, 2**64 - 1] (with n choices, seed + n - 1 too)",
         )
         _check(all(s for s in self.stop), "stop", "must not contain empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")

@@ -200,7 +200,7 @@ class AsyncEngine:
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     """One output equivalent to ``outputs`` (consecutive, of one request) in order: new token
     ids, text and logprobs concatenated; finish, stop reason, error and the cumulative counts
-    of the last."""
+    of the last; the queue time of the first."""
     last = outputs[-1]
     logprobs = None
     if any(o.logprobs is not None for o in outputs):
@@ -216,6 +216,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         num_prompt_tokens=last.num_prompt_tokens,
         num_output_tokens=last.num_output_tokens,
         num_cached_tokens=last.num_cached_tokens,
+        queue_time_s=outputs[0].queue_time_s,
     )
 
 

@@ -55,6 +55,9 @@ class _Stream:
     detok: IncrementalDetokenizer | None
     num_prompt_tokens: int
     want_logprobs: bool
+    added_at: float = 0.0  # the clock's time at add_request
+    queue_time_s: float | None = None  # added_at to first scheduled; None: not yet
+    queue_time_sent: bool = False  # on the first output
 
 
 @dataclass(slots=True)
@@ -147,7 +150,7 @@ class EngineCore:
                 request.prompt_token_ids,
             )
         self._streams[request.request_id] = _Stream(
-            detok, len(request.prompt_token_ids), params.logprobs is not None
+            detok, len(request.prompt_token_ids), params.logprobs is not None, self.clock()
         )
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
@@ -173,6 +176,7 @@ class EngineCore:
                 self.executor.release(sched.finished_request_ids)
             return None
         self.num_steps += 1
+        self._stamp_scheduled(sched)
         return InflightStep(sched, self._execute(sched))
 
     def finish_step(self, step: InflightStep | None) -> list[RequestOutput]:
@@ -185,6 +189,15 @@ class EngineCore:
         updates = self.scheduler.update_from_output(step.scheduler_output, result.sampled)
         outputs.extend(self._output(u, result) for u in updates)
         return outputs
+
+    def _stamp_scheduled(self, sched) -> None:
+        """Queue time of the requests scheduled for the first time in this step."""
+        now = None
+        for s in sched.scheduled:
+            stream = self._streams.get(s.request_id)
+            if stream is not None and stream.queue_time_s is None:
+                now = self.clock() if now is None else now
+                stream.queue_time_s = now - stream.added_at
 
     def _execute(self, sched) -> ExecutorOutput:
         try:
@@ -218,6 +231,9 @@ class EngineCore:
         if finish is not None:
             del self._streams[rid]
         logprobs = result.logprobs.get(rid) if stream.want_logprobs else None
+        queue_time_s = None
+        if not stream.queue_time_sent:
+            queue_time_s, stream.queue_time_sent = stream.queue_time_s, True
         return RequestOutput(
             request_id=rid,
             new_token_ids=update.new_token_ids,
@@ -228,6 +244,7 @@ class EngineCore:
             num_prompt_tokens=update.num_prompt_tokens,
             num_output_tokens=update.num_output_tokens,
             num_cached_tokens=update.num_cached_tokens,
+            queue_time_s=queue_time_s,
         )
 
     def _terminal(self, rid: str, reason: FinishReason, request, error: str | None = None):

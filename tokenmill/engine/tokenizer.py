@@ -19,6 +19,7 @@ Any other model or pre type raises ModelLoadError naming it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -67,6 +68,8 @@ class Tokenizer:
         self.all_special_ids: tuple[int, ...] = tuple(
             sorted(i for i, t in added.items() if t.special)
         )
+        self._added_ids = frozenset(added)  # spelled as plain text, not in a byte alphabet
+        self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         if chat_template:
             compile_template(chat_template)  # a broken template fails at load, not per request
 
@@ -85,6 +88,27 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes ``token_id`` stands for. A byte-level BPE token may be half of a
+        UTF-8 character (decoded alone it is U+FFFD): its spelling maps back through the byte
+        alphabet. A SentencePiece byte-fallback token ``<0xE2>`` is that byte, and its other
+        pieces spell a space ``▁``. Added tokens and anything else: the UTF-8 of the
+        token decoded alone. Unknown ids: ``b""``."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id not in self._added_ids:
+            if self._byte_level:
+                spelled = _unicode_to_bytes()
+                if all(c in spelled for c in token):
+                    return bytes(spelled[c] for c in token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                with contextlib.suppress(ValueError):
+                    return bytes([int(token[3:5], 16)])
+            elif "▁" in token:  # decoded alone, a leading space would be stripped
+                return token.replace("▁", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, **extra: Any
@@ -309,6 +333,11 @@ def _add_bos_post_processor(backend: tokenizers.Tokenizer, fields: Mapping[str, 
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
     )
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 @lru_cache(maxsize=1)

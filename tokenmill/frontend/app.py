@@ -6,13 +6,15 @@ JSON or types) -> chat template + tokenization (in a thread pool for bodies over
 -> route and open one worker
 stream per choice (503 when shed or no worker) -> SSE stream or whole response. A client
 disconnect, streaming or not, cancels the request task; closing the streams aborts the engine
-requests. With ``api_key`` set, every ``/v1`` call needs ``Authorization: Bearer <key>``.
+requests. With ``api_key`` set, every ``/v1`` call (and ``/metrics`` with ``protect_metrics``)
+needs ``Authorization: Bearer <key>`` (the scheme in any case, as RFC 7235 says).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -72,6 +74,10 @@ class FrontendConfig:
     migration_limit: int = 3
     allow_pinning: bool = False  # honour the per-request ``router.worker_id``
     request_log: str | None = None  # a path: one JSON line of stage times per request
+    protect_metrics: bool = False  # /metrics needs the API key too
+    # max_tokens of a chat request that sets none (capped by what the context leaves);
+    # None: the rest of the context
+    max_tokens_default: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ class _Kind:
     name: str  # the endpoint label in metrics
     chat: bool
     schema: type
-    prepare: Callable[[ServedModel, Any], Any]
+    prepare: Callable[[ServedModel, Any, int | None], Any]  # (model, request, max_tokens_default)
     id_prefix: str
 
 
@@ -99,6 +105,7 @@ class _Served:
     dispatcher: Dispatcher
     ctx: ServeContext
     token_text: Callable[[int], str]
+    token_bytes: Callable[[int], bytes] | None  # raw bytes (logprobs); None: text's UTF-8
 
 
 class Frontend:
@@ -125,7 +132,10 @@ class Frontend:
         ctx = ServeContext(model, dispatcher, self.metrics, self.config.request_timeout_s,
                            self.config.migration_limit)  # fmt: skip
         dispatcher.set_observer(self.metrics.observe_route)
-        self.served[model.name] = _Served(model, dispatcher, ctx, ctx.decoders[False].one)
+        raw = getattr(model.tokenizer, "token_bytes", None)
+        token_bytes = None if raw is None else functools.lru_cache(maxsize=65536)(raw)
+        self.served[model.name] = _Served(model, dispatcher, ctx, ctx.decoders[False].one,
+                                          token_bytes)  # fmt: skip
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +156,7 @@ class Frontend:
             stages.error = type(exc).__name__
         finally:
             self.metrics.inflight.dec()
-        self.metrics.requests.labels(kind.name, str(response.status_code)).inc()
+        self.metrics.requests.labels(kind.name, str(response.status_code), stages.model).inc()
         stages.status = response.status_code
         if not stages.streaming:  # a stream logs itself when it ends
             self._log(stages)
@@ -161,11 +171,15 @@ class Frontend:
         if log.isEnabledFor(logging.DEBUG) and (extra := unknown_fields(raw, kind.schema)):
             log.debug("ignoring unknown request fields %s", extra)
         served = self._served_for(req.model)
+        stages.model = served.model.name
+        max_tokens = self.config.max_tokens_default
         if len(raw) <= self.config.inline_preprocess_bytes or not needs_tokenizer(req):
-            prepared = kind.prepare(served.model, req)
+            prepared = kind.prepare(served.model, req, max_tokens)
         else:
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self.pool, kind.prepare, served.model, req)
+            prepared = await loop.run_in_executor(
+                self.pool, kind.prepare, served.model, req, max_tokens
+            )
         meta = ResponseMeta(kind.id_prefix + uuid.uuid4().hex, served.model.name, kind.chat)
         stages.id = meta.id
         usage = Usage(prepared.n, sum(len(p) for p in prepared.prompts))
@@ -177,10 +191,11 @@ class Frontend:
         stages.instances = [s.instances for s in streams]
         events = merge(streams)
         if prepared.stream:
-            fmt = StreamFormatter(meta, served.token_text, prepared.include_usage)
+            fmt = StreamFormatter(meta, served.token_text, prepared.include_usage,
+                                  served.token_bytes)  # fmt: skip
             stages.streaming = True
             return SSEResponse(self._sse_body(events, fmt, usage, len(streams), stages))
-        collector = Collector(meta, served.token_text, len(streams), usage)
+        collector = Collector(meta, served.token_text, len(streams), usage, served.token_bytes)
         try:
             async with cancel_on_disconnect(request.receive):
                 while True:
@@ -193,7 +208,7 @@ class Frontend:
                         collector.add(event)
         finally:
             await events.aclose()
-        self._count_usage(usage)
+        self._count_usage(served.model.name, usage)
         return json_response(collector.response())
 
     async def _sse_body(
@@ -225,7 +240,7 @@ class Frontend:
                     stages.first_write = stages.first_write or time.monotonic()
                 if fmt.include_usage:
                     last += fmt.usage_chunk(usage)
-                self._count_usage(usage)
+                self._count_usage(stages.model, usage)
             except Exception as exc:  # any error (not only tokenmill's), as classify maps it
                 last = sse(errors.classify(exc)[1])
                 stages.error = type(exc).__name__
@@ -243,17 +258,21 @@ class Frontend:
         if self.request_log is not None:
             self.request_log.write(stages)
 
-    def _count_usage(self, usage: Usage) -> None:
-        self.metrics.observe_usage(
-            usage.num_prompt_tokens, usage.num_completion_tokens, usage.num_cached_tokens
-        )
+    def _count_usage(self, model: str, usage: Usage) -> None:
+        self.metrics.observe_usage(model, usage.num_prompt_tokens, usage.num_completion_tokens,
+                                   usage.num_cached_tokens)  # fmt: skip
 
     def authorize(self, request: Request) -> None:
+        """Raises a 401 unless no key is set or the request has ``Authorization: Bearer
+        <key>`` (the scheme's case does not matter)."""
         key = self.config.api_key
         if key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), key.encode()
+        )
+        if not ok:
             raise errors.HttpError(401, "invalid or missing API key", code="invalid_api_key")
 
     async def _read_body(self, request: Request) -> bytes:
@@ -284,19 +303,33 @@ class Frontend:
 
     def models(self, request: Request) -> Response:
         self.authorize(request)
-        cards = [{"id": s.model.name, "object": "model", "created": s.model.created,
-                  "owned_by": "tokenmill", "max_model_len": s.model.context_length}
-                 for s in self.served.values()
+        cards = [_card(s.model) for s in self.served.values()
                  if s.dispatcher.has_instances()]  # no live worker: not listed  # fmt: skip
         return json_response({"object": "list", "data": cards})
+
+    def model_card(self, request: Request, model_id: str) -> Response:
+        """One model of ``models``' list (``GET /v1/models/{id}``); a 404 for any other."""
+        self.authorize(request)
+        served = self.served.get(model_id)
+        if served is None or not served.dispatcher.has_instances():
+            raise errors.HttpError(404, f"the model {model_id!r} does not exist",
+                                   param="model", code="model_not_found")  # fmt: skip
+        return json_response(_card(served.model))
 
     def health(self) -> Response:
         if any(s.dispatcher.has_instances() for s in self.served.values()):
             return json_response({"status": "ok"})
         return json_response({"status": "no worker serving"}, 503)
 
-    def render_metrics(self) -> Response:
+    def render_metrics(self, request: Request) -> Response:
+        if self.config.protect_metrics:
+            self.authorize(request)
         return Response(self.metrics.render(self.loads()), media_type="text/plain; version=0.0.4")
+
+
+def _card(model: ServedModel) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": model.created,
+            "owned_by": "tokenmill", "max_model_len": model.context_length}  # fmt: skip
 
 
 def _too_large(limit: int) -> errors.HttpError:
@@ -368,6 +401,19 @@ def _add_routes(app: FastAPI, front: Frontend) -> None:
         except errors.HttpError as exc:
             return front.error(exc)
 
+    @app.get("/v1/models/{model_id:path}")  # a name may hold slashes (org/model)
+    async def model(request: Request, model_id: str) -> Response:
+        try:
+            return front.model_card(request, model_id)
+        except errors.HttpError as exc:
+            return front.error(exc)
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:  # sync: rendered in a pool thread
+        try:
+            return front.render_metrics(request)
+        except errors.HttpError as exc:
+            return front.error(exc)
+
     app.get("/health")(front.health)
     app.get("/live")(lambda: json_response({"status": "alive"}))
-    app.get("/metrics")(front.render_metrics)

@@ -2,23 +2,28 @@
 several apps (tests) coexist in one process.
 
 Latencies are seconds. ``queue_time`` is the time from the HTTP request's arrival to its
-stream being opened on a worker (parsing, chat template, tokenization, router queue); time
-queued inside the engine shows in TTFT. Worker gauges (running, waiting, KV usage, prefix hit
-rate) are refreshed from the workers' published load at scrape time.
+first scheduling in the engine: parsing, chat template, tokenization, router queue, then the
+engine's waiting queue (waiting for a batch slot or free KV blocks; the engine's first output
+says how long: ``RequestOutput.queue_time_s``; an engine that does not say counts as 0).
+Request metrics carry the served ``model``'s name (empty for a request that named no
+served model). Worker gauges (running, waiting, KV usage, prefix hit rate) and the workers'
+preemption counts are refreshed from their published load at scrape time.
 
 The latency histograms are ``FastHistogram``s: plain bucket counts updated on the event loop
 (no lock, one bisect, a count per call so a batch of tokens is one call) and rendered as
-ordinary Prometheus histograms (``_bucket``/``_sum``/``_count``) at scrape time.
+ordinary Prometheus histograms (``_bucket``/``_sum``/``_count``) at scrape time. A served
+model's children are looked up once (``for_model``), not per token.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from tokenmill.runtime.wire import WorkerLoad
@@ -40,34 +45,105 @@ _LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+# token counts per request: 1, 2, 5, 10, ... 200k
+_LENGTH_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
 _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
 
-class FastHistogram:
-    """A histogram without labels, as ``prometheus_client.Histogram`` renders it, but cheap
-    enough to update once per streamed token. Not thread-safe for writers: only the event
-    loop observes; a scrape from another thread may see a count one batch ahead of the sum.
-    ``buckets`` are the finite upper bounds, ascending (``+Inf`` is added)."""
+class Buckets:
+    """One histogram's (or one labelled child's) counts. Not thread-safe for writers: only
+    the event loop observes; a scrape from another thread may see a count one batch ahead
+    of the sum."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
-                 registry: CollectorRegistry):  # fmt: skip
-        self.name, self.documentation = name, documentation
-        self._bounds = tuple(buckets)
-        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        registry.register(self)
+    def __init__(self, bounds: tuple[float, ...]):
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
 
     def observe(self, value: float, count: int = 1) -> None:
         """Records ``count`` observations of ``value``."""
-        self._counts[bisect.bisect_left(self._bounds, value)] += count
-        self._sum += value * count
+        self.counts[bisect.bisect_left(self._bounds, value)] += count
+        self.sum += value * count
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
+    def cumulative(self) -> list[tuple[str, float]]:
         buckets, total = [], 0
-        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
+        for bound, count in zip((*self._bounds, float("inf")), self.counts, strict=True):
             total += count
             buckets.append((floatToGoString(bound), total))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets, self._sum)
+        return buckets
+
+
+class FastHistogram:
+    """A histogram, as ``prometheus_client.Histogram`` renders it, but cheap enough to update
+    once per streamed token. ``buckets`` are the finite upper bounds, ascending (``+Inf`` is
+    added). Without ``labelnames`` it observes itself; with them, ``labels(*values)`` gives
+    the child to observe (keep it: the lookup is per call)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry, labelnames: Sequence[str] = ()):  # fmt: skip
+        self.name, self.documentation = name, documentation
+        self._bounds, self._labelnames = tuple(buckets), tuple(labelnames)
+        self._children: dict[tuple[str, ...], Buckets] = {}
+        self._default = None if self._labelnames else self.labels()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Records ``count`` observations of ``value`` (a histogram without labels)."""
+        assert self._default is not None, f"{self.name} has labels: observe a child"
+        self._default.observe(value, count)
+
+    def labels(self, *values: str) -> Buckets:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self.name}: labels {self._labelnames}, got {values}")
+            child = self._children[values] = Buckets(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.cumulative(), child.sum)
+        yield family
+
+
+class ModelMetrics:
+    """The request metrics of one served model: the children of ``FrontendMetrics``'
+    labelled metrics for its name, looked up once."""
+
+    def __init__(self, metrics: FrontendMetrics, model: str):
+        self.model = model
+        self.ttft = metrics.ttft.labels(model)
+        self.itl = metrics.itl.labels(model)
+        self.e2e = metrics.e2e.labels(model)
+        self.queue_time = metrics.queue_time.labels(model)
+        self._finish = metrics.finish_reasons
+        self._finishes: dict[str, Any] = {}  # reason -> its counter child
+
+    def finished(self, reason: str) -> None:
+        """One choice ended with ``reason`` (stop, length, abort, error)."""
+        counter = self._finishes.get(reason)
+        if counter is None:
+            counter = self._finishes[reason] = self._finish.labels(self.model, reason)
+        counter.inc()
+
+
+class _Preemptions:
+    """``tokenmill_num_preemptions_total{worker}``: each live worker's own cumulative count
+    (from its load), so a restarted worker reads as a counter reset."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.loads: list[WorkerLoad] = []
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tokenmill_num_preemptions", "requests preempted by each worker's engine",
+            labels=["worker"],
+        )  # fmt: skip
+        for load in self.loads:
+            family.add_metric([load.instance_id], load.num_preemptions)
+        yield family
 
 
 class FrontendMetrics:
@@ -76,29 +152,44 @@ class FrontendMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "tokenmill_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
+            "HTTP requests by endpoint, status and model",
+            ["endpoint", "status", "model"],
             registry=r,
         )
+        model = ["model"]
         self.ttft = FastHistogram(
-            "tokenmill_time_to_first_token_seconds", "TTFT", _LATENCY_BUCKETS, r
+            "tokenmill_time_to_first_token_seconds", "TTFT", _LATENCY_BUCKETS, r, model
         )
         self.itl = FastHistogram(
-            "tokenmill_inter_token_latency_seconds", "ITL per token", _LATENCY_BUCKETS, r
+            "tokenmill_inter_token_latency_seconds", "ITL per token", _LATENCY_BUCKETS, r, model
         )
         self.e2e = FastHistogram(
-            "tokenmill_e2e_request_latency_seconds", "E2E per choice", _LATENCY_BUCKETS, r
+            "tokenmill_e2e_request_latency_seconds", "E2E per choice", _LATENCY_BUCKETS, r, model
         )
         self.queue_time = FastHistogram(
-            "tokenmill_queue_time_seconds", "arrival to worker stream open", _LATENCY_BUCKETS, r
-        )
-        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "prompt tokens", registry=r)
+            "tokenmill_queue_time_seconds", "arrival to first scheduled in the engine",
+            _LATENCY_BUCKETS, r, model,
+        )  # fmt: skip
+        self.prompt_length = FastHistogram(
+            "tokenmill_request_prompt_tokens", "prompt tokens per request", _LENGTH_BUCKETS,
+            r, model,
+        )  # fmt: skip
+        self.generation_length = FastHistogram(
+            "tokenmill_request_generation_tokens", "generated tokens per request (all choices)",
+            _LENGTH_BUCKETS, r, model,
+        )  # fmt: skip
+        self.finish_reasons = Counter(
+            "tokenmill_request_finish", "choices ended, by finish reason (stop, length, "
+            "abort, error)", ["model", "finish_reason"], registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "prompt tokens", model, registry=r)
         self.generated_tokens = Counter(
-            "tokenmill_generation_tokens", "generated tokens", registry=r
+            "tokenmill_generation_tokens", "generated tokens", model, registry=r
         )
         self.cached_tokens = Counter(
-            "tokenmill_cached_tokens", "prompt tokens served from cache", registry=r
+            "tokenmill_cached_tokens", "prompt tokens served from cache", model, registry=r
         )
+        self._preemptions = _Preemptions(r)
         self.inflight = Gauge(
             "tokenmill_frontend_inflight_requests", "HTTP requests in flight", registry=r
         )
@@ -125,13 +216,20 @@ class FrontendMetrics:
         self.router_decisions.labels(instance_id).inc()
         self.router_overhead.observe(seconds)
 
-    def observe_usage(self, num_prompt: int, num_generated: int, num_cached: int) -> None:
-        self.prompt_tokens.inc(num_prompt)
-        self.generated_tokens.inc(num_generated)
-        self.cached_tokens.inc(num_cached)
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self, model)
+
+    def observe_usage(self, model: str, num_prompt: int, num_generated: int,
+                      num_cached: int) -> None:  # fmt: skip
+        """One request that completed: its token counts."""
+        self.prompt_tokens.labels(model).inc(num_prompt)
+        self.generated_tokens.labels(model).inc(num_generated)
+        self.cached_tokens.labels(model).inc(num_cached)
+        self.prompt_length.labels(model).observe(num_prompt)
+        self.generation_length.labels(model).observe(num_generated)
 
     def render(self, loads: Iterable[WorkerLoad]) -> bytes:
-        loads = list(loads)
+        loads = self._preemptions.loads = list(loads)
         self.running.set(sum(load.num_running_requests for load in loads))
         self.waiting.set(sum(load.num_waiting_requests for load in loads))
         for load in loads:

@@ -15,13 +15,14 @@ from typing import Annotated, Any, Protocol
 import msgspec
 
 from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
-from tokenmill.core.sampling import SamplingParams
+from tokenmill.core.sampling import MAX_LOGPROBS, SamplingParams
 from tokenmill.frontend.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 MAX_N = 128
 MAX_PROMPTS = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "response_format")
+# not implemented: any value but these (what SDKs send as defaults, no-ops here) is a 400
+UNSUPPORTED_CHAT_FIELDS = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
 
 
 class TokenizerLike(Protocol):
@@ -60,9 +61,13 @@ class PreparedRequest:
     router: Any = None  # options.RouterOptions: per-request router knobs / pin
 
 
-def prepare_chat(model: ServedModel, req: ChatCompletionRequest) -> PreparedRequest:
-    for name in UNSUPPORTED_CHAT_FIELDS:
-        if getattr(req, name) is not None:
+def prepare_chat(
+    model: ServedModel, req: ChatCompletionRequest, max_tokens_default: int | None = None
+) -> PreparedRequest:
+    """``max_tokens_default``: the max_tokens of a request that sets none (capped by what the
+    context leaves; None: what the context leaves)."""
+    for name, no_op in UNSUPPORTED_CHAT_FIELDS.items():
+        if getattr(req, name) not in (None, no_op):
             raise InvalidRequestError(f"{name} is not supported by this server", param=name)
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     if not messages:
@@ -73,11 +78,16 @@ def prepare_chat(model: ServedModel, req: ChatCompletionRequest) -> PreparedRequ
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
-    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages")
+    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages",
+                     max_tokens_default)  # fmt: skip
     return _prepared(req, [prompt], params)
 
 
-def prepare_completion(model: ServedModel, req: CompletionRequest) -> PreparedRequest:
+def prepare_completion(
+    model: ServedModel, req: CompletionRequest, max_tokens_default: int | None = None
+) -> PreparedRequest:
+    """A request without max_tokens gets OpenAI's default, 16 (``max_tokens_default`` is
+    for chat, where the default is the rest of the context)."""
     if req.echo:
         raise InvalidRequestError("echo is not supported by this server", param="echo")
     if req.suffix is not None:
@@ -116,11 +126,16 @@ def _content(content: Any, index: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(content):
+        if part.type != "text":
             raise InvalidRequestError(
                 f"messages[{index}].content: only text parts are supported, got {part.type!r}",
                 param=f"messages[{index}].content",
+            )
+        if part.text is None:
+            raise InvalidRequestError(
+                f"messages[{index}].content[{j}]: a text part needs a 'text' string",
+                param=f"messages[{index}].content[{j}].text",
             )
         texts.append(part.text)
     return "\n".join(texts)
@@ -129,6 +144,10 @@ def _content(content: Any, index: int) -> str:
 def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(
+            f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs"
+        )
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
@@ -170,20 +189,19 @@ def _checked_ids(model: ServedModel, raw: msgspec.Raw) -> list[list[int]] | None
 
 def _decoded_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        prompts = [_encode(model, prompt)]
-    elif prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [_encode(model, p) for p in prompt]
-    elif prompt and _is_ids(prompt):
-        prompts = [_check_ids(model, prompt)]
-    elif prompt and all(isinstance(p, list) and _is_ids(p) for p in prompt):
-        prompts = [_check_ids(model, p) for p in prompt]
-    else:
-        raise InvalidRequestError(
-            "prompt must be a string, a list of strings, a list of token ids or a list of "
-            "lists of token ids, and not empty",
-            param="prompt",
-        )
-    return prompts
+        return [_encode(model, prompt)]
+    if isinstance(prompt, list) and prompt:  # not an object: it would iterate over its keys
+        if all(isinstance(p, str) for p in prompt):
+            return [_encode(model, p) for p in prompt]
+        if _is_ids(prompt):
+            return [_check_ids(model, prompt)]
+        if all(isinstance(p, list) and _is_ids(p) for p in prompt):
+            return [_check_ids(model, p) for p in prompt]
+    raise InvalidRequestError(
+        "prompt must be a string, a list of strings, a list of token ids or a list of "
+        "lists of token ids, and not empty",
+        param="prompt",
+    )
 
 
 def needs_tokenizer(req: Any) -> bool:
@@ -225,15 +243,18 @@ def _params(
     max_tokens: int | None,
     num_logprobs: int | None,
     prompt_param: str,
+    max_tokens_default: int | None = None,
 ) -> SamplingParams:
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequestError(f"n must be in [1, {MAX_N}]", param="n")
     longest = max(len(p) for p in prompts)
-    max_tokens = _check_context(model, longest, max_tokens, prompt_param)
+    resolved = _check_context(model, longest, max_tokens, prompt_param)
+    if max_tokens is None and max_tokens_default is not None:
+        resolved = min(resolved, max_tokens_default)
     return SamplingParams(
         n=n,
-        max_tokens=max_tokens,
+        max_tokens=resolved,
         min_tokens=req.min_tokens or 0,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k or 0,

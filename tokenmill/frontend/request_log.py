@@ -59,6 +59,7 @@ class RequestStages:
     end: float | None = None
     status: int = 200
     error: str | None = None
+    model: str = ""  # the served model, once resolved (the metrics' label)
     streaming: bool = False  # the stream logs it when it ends, not the handler
     usage: TokenCounts | None = None
     # per choice, the instances that served it (live lists: a migration appends)

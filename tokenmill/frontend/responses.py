@@ -16,6 +16,9 @@ from tokenmill.core.request import TokenLogprob
 from tokenmill.frontend.serving import ChoiceEvent
 
 TokenText = Callable[[int], str]
+# a token's raw bytes (``Tokenizer.token_bytes``): a token may be half of a UTF-8 character,
+# whose text alone is U+FFFD; None: the UTF-8 of its text
+TokenBytes = Callable[[int], bytes] | None
 
 _encode = msgspec.json.Encoder().encode
 
@@ -60,24 +63,23 @@ class ResponseMeta:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def chat_logprobs(items: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
-    return {"content": [_chat_logprob(t, token_text) for t in items]}
+def chat_logprobs(
+    items: list[TokenLogprob], token_text: TokenText, token_bytes: TokenBytes = None
+) -> dict[str, Any]:
+    return {"content": [_chat_logprob(t, token_text, token_bytes) for t in items]}
 
 
-def _chat_logprob(item: TokenLogprob, token_text: TokenText) -> dict[str, Any]:
-    text = token_text(item.token_id)
-    top = [_top_entry(tid, lp, token_text) for tid, lp in item.top]
-    return {
-        "token": text,
-        "logprob": item.logprob,
-        "bytes": list(text.encode()),
-        "top_logprobs": top,
-    }
+def _chat_logprob(item: TokenLogprob, token_text: TokenText, token_bytes: TokenBytes):
+    entry = _top_entry(item.token_id, item.logprob, token_text, token_bytes)
+    entry["top_logprobs"] = [_top_entry(tid, lp, token_text, token_bytes) for tid, lp in item.top]
+    return entry
 
 
-def _top_entry(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
+def _top_entry(token_id: int, logprob: float, token_text: TokenText,
+               token_bytes: TokenBytes) -> dict[str, Any]:  # fmt: skip
     text = token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    raw = text.encode() if token_bytes is None else token_bytes(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 def completion_logprobs(
@@ -100,8 +102,10 @@ class StreamFormatter:
     """SSE chunks for one streaming request: one ``data:`` frame per event, byte for byte what
     encoding the OpenAI chunk object would give (the envelope is encoded once per request)."""
 
-    def __init__(self, meta: ResponseMeta, token_text: TokenText, include_usage: bool):
+    def __init__(self, meta: ResponseMeta, token_text: TokenText, include_usage: bool,
+                 token_bytes: TokenBytes = None):  # fmt: skip
         self.meta, self.token_text, self.include_usage = meta, token_text, include_usage
+        self.token_bytes = token_bytes
         self._started: set[int] = set()
         self._object = "chat.completion.chunk" if meta.chat else "text_completion"
         # b'{"id":...,"choices":[]}' (or ...[],"usage":null}) cut after the '['
@@ -136,7 +140,7 @@ class StreamFormatter:
     def _logprobs(self, event: ChoiceEvent) -> dict[str, Any]:
         assert event.logprobs
         if self.meta.chat:
-            return chat_logprobs(event.logprobs, self.token_text)
+            return chat_logprobs(event.logprobs, self.token_text, self.token_bytes)
         return completion_logprobs(event.logprobs, self.token_text)
 
     def _envelope(self, choices: list[Any], usage: Any) -> dict[str, Any]:
@@ -150,8 +154,10 @@ class StreamFormatter:
 class Collector:
     """Accumulates events of a non-streaming request into the whole response."""
 
-    def __init__(self, meta: ResponseMeta, token_text: TokenText, num_choices: int, usage: Usage):
+    def __init__(self, meta: ResponseMeta, token_text: TokenText, num_choices: int, usage: Usage,
+                 token_bytes: TokenBytes = None):  # fmt: skip
         self.meta, self.token_text, self.usage = meta, token_text, usage
+        self.token_bytes = token_bytes
         self._texts: list[list[str]] = [[] for _ in range(num_choices)]
         self._logprobs: list[list[TokenLogprob] | None] = [None] * num_choices
         self._finish: list[str | None] = [None] * num_choices
@@ -174,7 +180,7 @@ class Collector:
     def _choice(self, i: int) -> dict[str, Any]:
         text, items = "".join(self._texts[i]), self._logprobs[i]
         if self.meta.chat:
-            lp = chat_logprobs(items, self.token_text) if items is not None else None
+            lp = None if items is None else chat_logprobs(items, self.token_text, self.token_bytes)
             message = {"role": "assistant", "content": text}
             return {
                 "index": i,

@@ -2,8 +2,9 @@
 
 Unknown fields are ignored (official clients send extras; ``unknown_fields`` lists them for a
 debug log). Wrong types raise ``InvalidRequestError`` naming the field. ``tools``,
-``tool_choice`` and ``response_format`` are accepted by the decoder but rejected by the
-preprocessor with a 400 that names them (not implemented).
+``tool_choice`` and ``response_format`` are accepted by the decoder; the preprocessor lets
+through only the no-op values SDKs send as defaults (``[]``, ``"none"``, ``{"type": "text"}``)
+and rejects any other with a 400 that names the field (not implemented).
 """
 
 from __future__ import annotations

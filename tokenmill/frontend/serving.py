@@ -28,7 +28,7 @@ import msgspec
 from tokenmill.core.detokenize import IncrementalDetokenizer
 from tokenmill.core.errors import EngineError, RequestAbortedError, TokenmillError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput, TokenLogprob
-from tokenmill.frontend.metrics import FrontendMetrics
+from tokenmill.frontend.metrics import FrontendMetrics, ModelMetrics
 from tokenmill.frontend.migration import DEFAULT_MIGRATION_LIMIT, MigratingStream
 from tokenmill.frontend.preprocess import PreparedRequest, ServedModel
 from tokenmill.routing.dispatch import Dispatcher
@@ -70,10 +70,12 @@ class ServeContext:
     request_timeout_s: float | None = None
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
     decoders: dict[bool, MemoDecoder] = field(init=False)  # by skip_special_tokens
+    observed: ModelMetrics = field(init=False)  # this model's request metrics
 
     def __post_init__(self) -> None:
         decoders = {skip: MemoDecoder(self.model.tokenizer, skip) for skip in (False, True)}
         object.__setattr__(self, "decoders", decoders)
+        object.__setattr__(self, "observed", self.metrics.for_model(self.model.name))
 
 
 def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineRequest]:
@@ -109,8 +111,8 @@ async def open_streams(
                 ctx.dispatcher, request, ctx.request_timeout_s, ctx.migration_limit, router
             )
             await stream.open()
-            ctx.metrics.queue_time.observe(time.monotonic() - arrival)
-            streams.append(ChoiceStream(ctx, index, request, stream, arrival))
+            opened_s = time.monotonic() - arrival
+            streams.append(ChoiceStream(ctx, index, request, stream, arrival, opened_s))
     except BaseException:
         for s in streams:
             await s.aclose()
@@ -134,13 +136,16 @@ class ChoiceStream:
     """One choice (an ``EventSource``): its worker outputs detokenized into events, a batch
     of outputs at a time. The choice's last event has ``finish_reason`` set; outputs after it
     are dropped. ``aclose()`` closes the worker stream, releases the request from the
-    dispatcher and records its E2E latency."""
+    dispatcher and records its E2E latency. Its queue time (``opened_s``, arrival to the
+    worker stream's opening, plus the engine's ``queue_time_s``) is recorded with its first
+    outputs, or when it closes without any."""
 
     def __init__(self, ctx: ServeContext, index: int, request: EngineRequest,
-                 stream: MigratingStream, arrival: float):  # fmt: skip
+                 stream: MigratingStream, arrival: float, opened_s: float = 0.0):  # fmt: skip
         decode = ctx.decoders[request.params.skip_special_tokens]
         self._detok = IncrementalDetokenizer(decode, request.params.stop, request.prompt_token_ids)
-        self._timer = _TokenTimer(ctx.metrics, arrival)
+        self._timer = _TokenTimer(ctx.observed, arrival)
+        self._opened_s: float | None = opened_s  # None: its queue time is recorded
         self._ctx, self._index, self._request_id = ctx, index, request.request_id
         self._stream, self._arrival = stream, arrival
         self._finished = self._closed = False
@@ -162,6 +167,9 @@ class ChoiceStream:
                 return events
 
     def _events(self, outs: list[RequestOutput]) -> list[ChoiceEvent]:
+        if self._opened_s is not None:
+            queued = next((o.queue_time_s for o in outs if o.queue_time_s is not None), 0.0)
+            self._observe_queue_time(queued)
         num_tokens = sum(len(out.new_token_ids) for out in outs)
         if num_tokens and self._timer.first:
             self._ctx.dispatcher.prefill_done(self._request_id)
@@ -172,23 +180,33 @@ class ChoiceStream:
                 event = _event(self._index, out, self._detok)
             except TokenmillError as exc:  # raised by the next call, after these events
                 self._error = exc
+                self._ctx.observed.finished(str(out.finish_reason or "error"))
                 break
             if event is not None:
                 events.append(event)
                 if event.finish_reason is not None:
                     self._finished = True
+                    self._ctx.observed.finished(event.finish_reason)
                     break
         return events
+
+    def _observe_queue_time(self, engine_queue_s: float) -> None:
+        if self._opened_s is not None:
+            self._ctx.observed.queue_time.observe(self._opened_s + engine_queue_s)
+            self._opened_s = None
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._observe_queue_time(0.0)  # no output came: the engine's part is unknown
+        if not self._finished and self._error is None:  # closed early: client gone, deadline
+            self._ctx.observed.finished("abort")
         try:
             await self._stream.aclose()
         finally:
             self._ctx.dispatcher.finished(self._request_id)
-            self._ctx.metrics.e2e.observe(time.monotonic() - self._arrival)
+            self._ctx.observed.e2e.observe(time.monotonic() - self._arrival)
 
 
 def _event(index: int, out: RequestOutput, detok: IncrementalDetokenizer) -> ChoiceEvent | None:
@@ -223,7 +241,7 @@ class _TokenTimer:
     that arrived ``gap`` seconds after the previous one counts ``k`` tokens of ``gap / k``
     (the first batch's tokens after the first count as 0: they came with it)."""
 
-    def __init__(self, metrics: FrontendMetrics, arrival: float):
+    def __init__(self, metrics: ModelMetrics, arrival: float):
         self.metrics, self.last, self.first = metrics, arrival, True
 
     def tick(self, num_tokens: int) -> None:

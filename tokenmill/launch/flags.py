@@ -116,7 +116,12 @@ def add_http(p: Parser) -> None:
 
 def add_frontend(p: Parser) -> None:
     """The OpenAI frontend's own settings (``frontend.app.FrontendConfig``)."""
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="require the --api-key on /metrics too")  # fmt: skip
+    p.add_argument("--max-tokens-default", type=POSITIVE_INT, default=None, metavar="N",
+                   help="max_tokens of a chat request that sets none (default: the rest of "
+                   "the context; completions default to 16, as OpenAI's)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=4 * 1024 * 1024)
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds; 504 after")
     p.add_argument("--migration-limit", type=NON_NEGATIVE_INT, default=3, help="migrations per request")

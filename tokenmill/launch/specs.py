@@ -181,10 +181,15 @@ class FleetSpec:
 
 def frontend_config(args: Namespace) -> Any:
     """The ``frontend.app.FrontendConfig`` of the frontend flags (``flags.add_frontend``)."""
+    from tokenmill.core.errors import TokenmillError
     from tokenmill.frontend.app import FrontendConfig
 
+    if args.protect_metrics and args.api_key is None:
+        raise TokenmillError("--protect-metrics needs --api-key")
     return FrontendConfig(
         api_key=args.api_key,
+        protect_metrics=args.protect_metrics,
+        max_tokens_default=args.max_tokens_default,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         migration_limit=args.migration_limit,

@@ -82,6 +82,7 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     version: int = WIRE_VERSION
     step_time_ms: float = 0.0  # recent wall time of one engine step (EWMA); 0: none yet
     num_waiting_prefill_tokens: int = 0  # tokens the waiting requests must compute first
+    num_preemptions: int = 0  # requests preempted since the engine started (cumulative)
 
 
 def check_version(version: int) -> None:

@@ -38,6 +38,7 @@ _STAT_NAMES = {
     "num_total_blocks": ("num_total_blocks", "num_blocks", "total_blocks"),
     "step_time_ms": ("step_time_ms",),
     "num_waiting_prefill_tokens": ("num_waiting_prefill_tokens",),
+    "num_preemptions": ("num_preemptions",),
 }
 
 
@@ -61,6 +62,7 @@ def load_from_stats(instance_id: str, stats: Any) -> WorkerLoad:
         num_total_blocks=int(values["num_total_blocks"]),
         step_time_ms=float(values["step_time_ms"]),
         num_waiting_prefill_tokens=int(values["num_waiting_prefill_tokens"]),
+        num_preemptions=int(values["num_preemptions"]),
     )
 
 
