@@ -100,7 +100,7 @@ def test_an_id_whose_blocks_are_held_cannot_be_reused_until_released():
     sched = make(HoldingConnector({"a"}))
     add(sched, "a", [10, 11, 12], max_tokens=1)
     step(sched)
-    with pytest.raises(InvalidRequestError, match="duplicate"):
+    with pytest.raises(InvalidRequestError, match="already in flight"):
         add(sched, "a", [10, 11, 12])
     sched.release_held_blocks(["a"])
     add(sched, "a", [10, 11, 12])

@@ -5,7 +5,6 @@ the error raised before the first item or after one."""
 
 from __future__ import annotations
 
-import conftest_nats
 import pytest
 from error_samples import all_samples
 
@@ -15,8 +14,6 @@ from tokenmill.runtime.inprocess import InProcessRuntime
 from tokenmill.runtime.interface import EndpointId
 
 EP = EndpointId("ns", "backend", "generate")
-nats_server = conftest_nats.nats_server  # fixtures
-make_runtime = conftest_nats.make_runtime
 
 
 async def raising(request: str, ctx):
