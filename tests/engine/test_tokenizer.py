@@ -240,4 +240,4 @@ def test_long_texts_are_tokenized_with_the_gil_released(chatml):
         gaps.append(now - last)
         last = now
     worker.join()
-    assert len(gaps) > 10 and max(gaps) < 0.25, max(gaps)
+    assert len(gaps) > 10 and max(gaps) < 0.5, max(gaps)  # held: one gap of the whole encode
