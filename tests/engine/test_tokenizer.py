@@ -226,13 +226,15 @@ def test_no_length_bound_when_the_pipeline_may_drop_input():
 
 
 def test_long_texts_are_tokenized_with_the_gil_released(chatml):
-    """A thread tokenizing a 3.9 MB text must not stop this thread for its whole duration."""
+    """A thread tokenizing a 1.2 MB text does not stop this one for the whole encode: the
+    longest pause is a small part of it (freeing the result still takes the GIL, ~0.2 us a
+    token; with the GIL held throughout, the pause is the whole encode)."""
     import threading
     import time
 
-    text, gaps, done = "ab " * 1_300_000, [], threading.Event()
+    text, gaps, done = "ab " * 400_000, [], threading.Event()
     worker = threading.Thread(target=lambda: (chatml.encode(text), done.set()))
-    last = time.monotonic()
+    start = last = time.monotonic()
     worker.start()
     while not done.is_set():
         done.wait(0.001)
@@ -240,4 +242,4 @@ def test_long_texts_are_tokenized_with_the_gil_released(chatml):
         gaps.append(now - last)
         last = now
     worker.join()
-    assert len(gaps) > 10 and max(gaps) < 0.5, max(gaps)  # held: one gap of the whole encode
+    assert len(gaps) > 10 and max(gaps) < 0.5 * (last - start), (max(gaps), last - start)
