@@ -134,7 +134,8 @@ _json = st.recursive(
 _FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
            "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "stream",
-           "stream_options", "ignore_eos", "min_tokens", "user", "cache_salt"]  # fmt: skip
+           "stream_options", "ignore_eos", "min_tokens", "user", "cache_salt",
+           "parse_special_tokens"]  # fmt: skip
 _plausible = {
     "model": st.just("tiny"),
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
