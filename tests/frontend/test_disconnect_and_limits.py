@@ -130,3 +130,18 @@ async def test_shed_and_no_worker_give_503_with_retry_after(tokenizer):
             )
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert (await client.get("/health")).status_code == 503
+
+
+async def test_a_huge_prompt_is_rejected_from_its_length_alone(tokenizer):
+    """3.9 MB of chat content cannot fit 256 tokens: 400 from the length bound, not after
+    seconds of tokenizing with the GIL held (the stall benchmark measures the streams)."""
+    _, stack = await echo_stack(tokenizer)
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": "ab " * 1_300_000}]}
+    async with InProcessServer(stack) as server:
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
+            for path, body in (("/v1/chat/completions", huge),
+                               ("/v1/completions", {"prompt": "ab " * 1_300_000})):  # fmt: skip
+                r = await client.post(path, json=body)
+                error = r.json()["error"]
+                assert (r.status_code, error["code"]) == (400, "context_length_exceeded")
+                assert "asks for at least" in error["message"]

@@ -4,6 +4,7 @@ one), plus a plain Python exception, as the error tests raise them."""
 from __future__ import annotations
 
 from tokenmill.core.errors import (
+    ClientDisconnectedError,
     ContextLengthExceededError,
     DeadlineExceededError,
     DuplicateRequestError,
@@ -16,6 +17,7 @@ from tokenmill.core.errors import (
     NoInstancesError,
     OverloadedError,
     RequestAbortedError,
+    RequestTimeoutError,
 )
 
 
@@ -32,6 +34,8 @@ def registered_samples() -> dict[str, Exception]:
         "engine_dead": EngineDeadError("the engine of this worker is not healthy"),
         "request_aborted": RequestAbortedError("request r was aborted by the worker"),
         "deadline_exceeded": DeadlineExceededError("request r passed its deadline"),
+        "request_timeout": RequestTimeoutError("the request body did not arrive within 60 s"),
+        "client_disconnected": ClientDisconnectedError("client closed the connection mid-body"),
         "engine_error": EngineError("request r failed in the engine: RuntimeError: CUDA"),
         "model_load_error": ModelLoadError("/models/x/config.json: unsupported architecture"),
         "internal_error": InternalError("internal error: ZeroDivisionError"),

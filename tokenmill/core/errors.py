@@ -29,6 +29,8 @@ InstanceFailedError        instance_failed           503     service_unavailable
 EngineDeadError            engine_dead               503     service_unavailable    yes
 RequestAbortedError        request_aborted           503     service_unavailable    no
 DeadlineExceededError      deadline_exceeded         504     timeout_error          no
+RequestTimeoutError        request_timeout           408     invalid_request_error  no
+ClientDisconnectedError    client_disconnected       499     invalid_request_error  no
 EngineError                engine_error              500     internal_error         no
 ModelLoadError             model_load_error          500     internal_error         no
 InternalError              internal_error            500     internal_error         no
@@ -96,6 +98,19 @@ class ContextLengthExceededError(InvalidRequestError):
 
     def __init__(self, message: str, param: str | None = "messages"):
         super().__init__(message, param=param)
+
+
+class PromptTooLongError(ContextLengthExceededError):
+    """A prompt rejected before it was tokenized whole: it has at least ``num_tokens_at_least``
+    tokens, more than the ``max_num_tokens`` allowed (not registered: it travels as a
+    ``ContextLengthExceededError``; the frontend rewords it with the context length)."""
+
+    def __init__(self, num_tokens_at_least: int, max_num_tokens: int | None = None):
+        super().__init__(
+            f"the prompt has at least {num_tokens_at_least} tokens, more than the "
+            f"{max_num_tokens} allowed"
+        )
+        self.num_tokens_at_least, self.max_num_tokens = num_tokens_at_least, max_num_tokens
 
 
 class DuplicateRequestError(InvalidRequestError):
@@ -166,6 +181,25 @@ class DeadlineExceededError(TokenmillError, TimeoutError):
 
     code = "deadline_exceeded"
     status, type, openai_code = 504, "timeout_error", "timeout"
+
+
+class RequestTimeoutError(TokenmillError, TimeoutError):
+    """The client did not send the request's headers or body within the server's read
+    deadline (HTTP 408; the connection is closed after the answer)."""
+
+    code = "request_timeout"
+    status, type, openai_code = 408, "invalid_request_error", "request_timeout"
+
+
+class ClientDisconnectedError(TokenmillError):
+    """The client closed the connection before the request was read or answered (HTTP 499,
+    nginx's "client closed request": nobody receives it; it is what logs and metrics say)."""
+
+    code = "client_disconnected"
+    status, type, openai_code = 499, "invalid_request_error", "client_disconnected"
+
+    def __init__(self, message: str = "client disconnected"):
+        super().__init__(message)
 
 
 class EngineError(TokenmillError):

@@ -15,12 +15,24 @@ GGUF tokenizers, rebuilt the way llama.cpp reads them (and as transformers' GGUF
 | llama | SentencePiece BPE (byte fallback; merges from scores if absent) | Metaspace |
 
 Any other model or pre type raises ModelLoadError naming it.
+
+Chat prompts (``encode_chat``): the template's own markers are special tokens; text inside
+the messages is tokenized as text, so a message that spells ``<|im_end|>`` cannot close its
+turn (unless the caller opts in with ``parse_special=True``). A message without special-token
+text gives exactly the ids of ``encode(apply_chat_template(...))``.
+
+Long texts: ``encode`` releases the GIL for texts over ``GIL_FREE_CHARS`` (``tokenizers``'
+``encode`` holds it, ``encode_batch`` does not), and ``max_num_tokens`` rejects, before
+tokenizing, a text that provably has more tokens (``min_num_tokens``: its length over the
+longest token's, exact for the BPE pipelines that never drop or merge away input).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +42,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from tokenmill.core.chat_template import Message, compile_template, render_chat_template
-from tokenmill.core.errors import ModelLoadError
+from tokenmill.core.errors import ModelLoadError, PromptTooLongError
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
@@ -44,11 +56,20 @@ _QWEN2_SPLIT = (
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# texts longer than this are encoded through ``encode_batch``, which releases the GIL (a 4 MB
+# text holds it ~2 s in ``encode``, stalling every stream); shorter ones cost less inline
+GIL_FREE_CHARS = 4096
+# pipeline steps that never drop input characters nor turn several into one (so a token of
+# k characters covers at most k input characters): what ``min_num_tokens`` is exact for
+_LENGTH_SAFE_PRE_TOKENIZERS = {"ByteLevel", "Digits", "Metaspace", "Split", "Punctuation",
+                               "Sequence"}  # fmt: skip
+_LENGTH_SAFE_NORMALIZERS = {"Prepend", "Sequence"}
 
 
 class Tokenizer:
     """Text <-> token ids, special tokens and the chat template of one model. Immutable after
-    construction and safe to share between threads (``tokenizers`` releases the GIL)."""
+    construction and safe to share between threads; long texts are tokenized with the GIL
+    released (``GIL_FREE_CHARS``)."""
 
     def __init__(
         self,
@@ -72,16 +93,93 @@ class Tokenizer:
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         if chat_template:
             compile_template(chat_template)  # a broken template fails at load, not per request
+        pipeline = backend.to_str()
+        # the same pipeline with special-token text split like any text (message contents)
+        self._text_backend = tokenizers.Tokenizer.from_str(pipeline)
+        self._text_backend.encode_special_tokens = True
+        specials = sorted((t.content for t in added.values() if t.special), key=len, reverse=True)
+        alternatives = "|".join(map(re.escape, specials))  # longest first, as tokenizers matches
+        self._special_re = re.compile(f"({alternatives})") if specials else None
+        self.max_token_chars: int | None = _max_token_chars(backend, json.loads(pipeline))
 
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Ids of ``text``; special-token text (``<|im_start|>``) maps to its single id.
-        ``add_special_tokens`` adds what the tokenizer's post-processor adds (e.g. BOS)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True,
+               max_num_tokens: int | None = None) -> list[int]:  # fmt: skip
+        """Ids of ``text``; special-token text (``<|im_start|>``) maps to its single id, or
+        with ``parse_special=False`` is tokenized as text. ``add_special_tokens`` adds what
+        the tokenizer's post-processor adds (e.g. BOS). Raises ``PromptTooLongError``, without
+        tokenizing, when ``text`` provably has more than ``max_num_tokens`` tokens."""
+        self._check_length(text, max_num_tokens)
+        backend = self._backend if parse_special else self._text_backend
+        if len(text) <= GIL_FREE_CHARS:
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on the number of tokens of ``text`` from its length alone: no token
+        covers more than ``max_token_chars`` characters (0 when the pipeline allows no bound:
+        a normalizer or pre-tokenizer that may drop characters, an unknown token that fuses)."""
+        return 0 if self.max_token_chars is None else -(-len(text) // self.max_token_chars)
+
+    def _check_length(self, text: str, max_num_tokens: int | None) -> None:
+        if max_num_tokens is not None and (at_least := self.min_num_tokens(text)) > max_num_tokens:
+            raise PromptTooLongError(at_least, max_num_tokens)
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    parse_special: bool = False, max_num_tokens: int | None = None) -> list[int]:  # fmt: skip
+        """The prompt ids of ``messages`` (dicts with ``role`` and ``content``). Special-token
+        text inside a ``content`` is tokenized as text, unless ``parse_special``; only the
+        template's own markers are special tokens. A prompt without such text gives the ids
+        of ``encode(apply_chat_template(...))``. ``max_num_tokens`` as in ``encode``.
+
+        How: contents' special-token text is swapped for sentinels, the template rendered,
+        the text split at the (template's) special tokens left, and each piece between them
+        tokenized as text with its sentinels restored: the pieces are those ``tokenizers``
+        itself would tokenize apart, so text around a restored marker merges as usual."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        self._check_length(text, max_num_tokens)
+        marked = None if parse_special else self._mark_special_text(messages)
+        if marked is None:
+            return self.encode(text)
+        sentinel, originals, marked_messages = marked
+        assert self._special_re is not None  # marked only when there are special tokens
+        pieces = self._special_re.split(self.apply_chat_template(marked_messages, add_generation_prompt))
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):  # split keeps the specials at odd indices
+            if i % 2:
+                ids.append(self._backend.token_to_id(piece))
+            elif piece:
+                restored = sentinel.sub(lambda m: originals[int(m[1])], piece)
+                ids += self.encode(restored, parse_special=False)
+        return ids
+
+    def _mark_special_text(
+        self, messages: Sequence[Message]
+    ) -> tuple[re.Pattern[str], list[str], list[dict[str, Any]]] | None:
+        """(sentinel pattern, the special texts it stands for, messages with them swapped),
+        or None when no content spells a special token."""
+        special = self._special_re
+        if special is None or not any(
+            isinstance(m.get("content"), str) and special.search(m["content"]) for m in messages
+        ):
+            return None
+        nonce = secrets.token_hex(8)  # a client cannot forge a sentinel it does not know
+        originals: list[str] = []
+
+        def swap(match: re.Match[str]) -> str:
+            originals.append(match[0])
+            return f"\ue000{nonce}:{len(originals) - 1}\ue001"
+
+        marked = [
+            {**m, "content": special.sub(swap, m["content"])}
+            if isinstance(m.get("content"), str) else dict(m)
+            for m in messages
+        ]  # fmt: skip
+        return re.compile(f"\ue000{nonce}:(\\d+)\ue001"), originals, marked
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -157,6 +255,30 @@ class Tokenizer:
         end_ids = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         end_ids = [int(i) for i in end_ids if i is not None]
         return cls(backend, special, end_ids, fields.get("tokenizer.chat_template"))
+
+
+def _max_token_chars(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -> int | None:
+    """The most input characters one token can cover (its own length: a byte-level token has
+    one character per byte, a SentencePiece one per character with ``▁`` for a space), or
+    None when the pipeline (``config``: its JSON) may drop or fuse input (see
+    ``Tokenizer.min_num_tokens``)."""
+    model = config.get("model") or {}
+    fuses_unknown = model.get("unk_token") is not None and model.get("fuse_unk")
+    if model.get("type") != "BPE" or fuses_unknown and not model.get("byte_fallback"):
+        return None
+    if not (_length_safe(config.get("normalizer"), _LENGTH_SAFE_NORMALIZERS, "normalizers")
+            and _length_safe(config.get("pre_tokenizer"), _LENGTH_SAFE_PRE_TOKENIZERS,
+                             "pretokenizers")):  # fmt: skip
+        return None
+    return max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=1)
+
+
+def _length_safe(step: Mapping[str, Any] | None, safe: set[str], children: str) -> bool:
+    if step is None:
+        return True
+    if step.get("type") not in safe or step.get("behavior") == "Removed":
+        return False
+    return all(_length_safe(child, safe, children) for child in step.get(children) or ())
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP app: ``build_app(model, dispatcher, config, loads)``.
 
-Request path: read the body (``max_body_bytes``, 413 beyond) -> msgspec decode (400 on bad
+Request path: read the body (``max_body_bytes``, 413 beyond; within ``body_timeout_s`` of the
+headers, else 408 and the connection closed; a client that closes mid-body is a 499, counted
+and logged as such, not an internal error) -> msgspec decode (400 on bad
 JSON or types) -> chat template + tokenization (in a thread pool for bodies over
 ``inline_preprocess_bytes`` that need the tokenizer; token-id prompts are checked inline)
 -> route and open one worker
@@ -27,8 +29,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from tokenmill.core.errors import ClientDisconnectedError, RequestTimeoutError
 from tokenmill.frontend import errors
 from tokenmill.frontend.metrics import FrontendMetrics
 from tokenmill.frontend.preprocess import (
@@ -65,6 +69,7 @@ JSON = "application/json"
 class FrontendConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 60.0  # from the headers to the body's last byte; 408 after
     request_timeout_s: float | None = 600.0
     tokenizer_threads: int = 2
     # bodies up to this size are preprocessed on the event loop (~0.1 ms for 4 KiB): the
@@ -144,6 +149,8 @@ class Frontend:
 
     def error(self, exc: BaseException) -> Response:
         status, obj, headers = errors.classify(exc, self.config.retry_after_s)
+        if status == RequestTimeoutError.status:  # the rest of the body may still come
+            headers = {**headers, "connection": "close"}
         return json_response(obj, status, headers)
 
     async def complete(self, request: Request, kind: _Kind) -> Response:
@@ -154,6 +161,8 @@ class Frontend:
         except Exception as exc:
             response = self.error(exc)
             stages.error = type(exc).__name__
+            if isinstance(exc, ClientDisconnectedError):
+                log.info("%s: the client closed the connection (499)", kind.name)
         finally:
             self.metrics.inflight.dec()
         self.metrics.requests.labels(kind.name, str(response.status_code), stages.model).inc()
@@ -276,16 +285,27 @@ class Frontend:
             raise errors.HttpError(401, "invalid or missing API key", code="invalid_api_key")
 
     async def _read_body(self, request: Request) -> bytes:
+        """The whole body: 413 past ``max_body_bytes``, ``RequestTimeoutError`` (408) when
+        it takes longer than ``body_timeout_s``, ``ClientDisconnectedError`` (499) when the
+        client closes before its end."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {self.config.body_timeout_s:g} s"
+            ) from None
+        except ClientDisconnect:
+            raise ClientDisconnectedError("client closed the connection mid-body") from None
         return b"".join(chunks)
 
     def _check_router(self, options: Any) -> None:

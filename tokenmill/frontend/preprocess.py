@@ -3,7 +3,13 @@ thread pool when ``needs_tokenizer`` (a long chat template or text prompt would 
 loop); token-id prompts are validated at C speed, on the loop.
 
 Every rejection is an ``InvalidRequestError`` naming the field (HTTP 400), or
-``ContextLengthExceededError`` when prompt + max_tokens exceed the model's context.
+``ContextLengthExceededError`` when prompt + max_tokens exceed the model's context: a text
+that provably cannot fit (``TokenizerLike.min_num_tokens``) is rejected before it is
+tokenized, so a 4 MB body costs microseconds, not seconds of tokenizer time.
+
+Chat: text in the messages is tokenized as text (a message spelling ``<|im_end|>`` cannot
+end its turn); ``parse_special_tokens: true`` in the request opts in to today's raw
+behaviour, for clients that really send special tokens in content.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ from typing import Annotated, Any, Protocol
 
 import msgspec
 
-from tokenmill.core.errors import ContextLengthExceededError, InvalidRequestError
+from tokenmill.core.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from tokenmill.core.sampling import MAX_LOGPROBS, SamplingParams
 from tokenmill.frontend.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -32,11 +42,15 @@ class TokenizerLike(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True,
+               max_num_tokens: int | None = None) -> list[int]: ...  # fmt: skip
+
+    def encode_chat(self, messages: Any, add_generation_prompt: bool = True,
+                    parse_special: bool = False, max_num_tokens: int | None = None) -> list[int]:
+        """Both raise ``PromptTooLongError`` for a text that provably has more than
+        ``max_num_tokens`` tokens, before tokenizing it."""  # fmt: skip
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str: ...
-
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -72,12 +86,16 @@ def prepare_chat(
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
-    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    prompt = model.tokenizer.encode(text, add_special_tokens=False)
-    num_logprobs = _chat_logprobs(req)
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
+    try:
+        prompt = model.tokenizer.encode_chat(
+            messages, True, bool(req.parse_special_tokens), _prompt_room(model, max_tokens)
+        )
+    except PromptTooLongError as e:
+        raise _context_error(model, e.num_tokens_at_least, max_tokens, "messages", True) from None
+    num_logprobs = _chat_logprobs(req)
     params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages",
                      max_tokens_default)  # fmt: skip
     return _prepared(req, [prompt], params)
@@ -92,8 +110,11 @@ def prepare_completion(
         raise InvalidRequestError("echo is not supported by this server", param="echo")
     if req.suffix is not None:
         raise InvalidRequestError("suffix is not supported by this server", param="suffix")
-    prompts = _completion_prompts(model, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    try:
+        prompts = _completion_prompts(model, req.prompt, _prompt_room(model, max_tokens))
+    except PromptTooLongError as e:
+        raise _context_error(model, e.num_tokens_at_least, max_tokens, "prompt", True) from None
     params = _params(model, req, prompts, max_tokens, req.logprobs, "prompt")
     return _prepared(req, prompts, params)
 
@@ -151,11 +172,17 @@ def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def _completion_prompts(model: ServedModel, raw: msgspec.Raw) -> list[list[int]]:
-    """A string, a list of strings, a list of token ids or a list of lists of token ids."""
+def _prompt_room(model: ServedModel, max_tokens: int | None) -> int:
+    """The most prompt tokens that leave room for ``max_tokens`` (at least 1)."""
+    return model.context_length - max(1, max_tokens or 1)
+
+
+def _completion_prompts(model: ServedModel, raw: msgspec.Raw, room: int) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids or a list of lists of token ids;
+    text over ``room`` tokens raises ``PromptTooLongError`` before it is tokenized whole."""
     prompts = _checked_ids(model, raw)
     if prompts is None:  # text, or ids that fail a check: the messages below say which
-        prompts = _decoded_prompts(model, msgspec.json.decode(raw))  # valid: already parsed
+        prompts = _decoded_prompts(model, msgspec.json.decode(raw), room)  # valid: parsed
     if len(prompts) > MAX_PROMPTS:
         raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     if any(not p for p in prompts):
@@ -187,12 +214,12 @@ def _checked_ids(model: ServedModel, raw: msgspec.Raw) -> list[list[int]] | None
         return None
 
 
-def _decoded_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
+def _decoded_prompts(model: ServedModel, prompt: Any, room: int) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [_encode(model, prompt)]
+        return [_encode(model, prompt, room)]
     if isinstance(prompt, list) and prompt:  # not an object: it would iterate over its keys
         if all(isinstance(p, str) for p in prompt):
-            return [_encode(model, p) for p in prompt]
+            return [_encode(model, p, room) for p in prompt]
         if _is_ids(prompt):
             return [_check_ids(model, prompt)]
         if all(isinstance(p, list) and _is_ids(p) for p in prompt):
@@ -222,8 +249,8 @@ def _is_ids(x: list[Any]) -> bool:
     return set(map(type, x)) <= {int}
 
 
-def _encode(model: ServedModel, text: str) -> list[int]:
-    return model.tokenizer.encode(text, add_special_tokens=True)
+def _encode(model: ServedModel, text: str, room: int) -> list[int]:
+    return model.tokenizer.encode(text, add_special_tokens=True, max_num_tokens=room)
 
 
 def _check_ids(model: ServedModel, ids: list[int]) -> list[int]:
@@ -279,16 +306,26 @@ def _check_context(
     """``max_tokens`` resolved (None: what is left of the context); raises when it is over."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-    context = model.context_length
-    room = context - num_prompt_tokens
+    room = model.context_length - num_prompt_tokens
     if room < 1 or (max_tokens is not None and max_tokens > room):
-        asked = num_prompt_tokens + (max_tokens or 1)
-        raise ContextLengthExceededError(
-            f"this model's maximum context length is {context} tokens; the request asks for "
-            f"{asked} ({num_prompt_tokens} in the prompt, {max_tokens or 1} to generate)",
-            param=param,
-        )
+        raise _context_error(model, num_prompt_tokens, max_tokens, param)
     return room if max_tokens is None else max_tokens
+
+
+def _context_error(model: ServedModel, num_prompt_tokens: int, max_tokens: int | None,
+                   param: str, at_least: bool = False) -> InvalidRequestError:  # fmt: skip
+    """The 400 of a request over the context (``at_least``: the count is a lower bound); a
+    ``max_tokens`` under 1 is named first, as ``_check_context`` does."""
+    if max_tokens is not None and max_tokens < 1:
+        return InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    asked = num_prompt_tokens + (max_tokens or 1)
+    more = "at least " if at_least else ""
+    return ContextLengthExceededError(
+        f"this model's maximum context length is {model.context_length} tokens; the request "
+        f"asks for {more}{asked} ({more}{num_prompt_tokens} in the prompt, {max_tokens or 1} "
+        "to generate)",
+        param=param,
+    )
 
 
 def _stop(stop: str | list[str] | None) -> tuple[str, ...]:

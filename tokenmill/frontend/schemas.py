@@ -1,10 +1,11 @@
 """OpenAI request bodies as msgspec structs (decoded straight from the request bytes).
 
 Unknown fields are ignored (official clients send extras; ``unknown_fields`` lists them for a
-debug log). Wrong types raise ``InvalidRequestError`` naming the field. ``tools``,
-``tool_choice`` and ``response_format`` are accepted by the decoder; the preprocessor lets
-through only the no-op values SDKs send as defaults (``[]``, ``"none"``, ``{"type": "text"}``)
-and rejects any other with a 400 that names the field (not implemented).
+debug log). Wrong types raise ``InvalidRequestError`` naming the field; so does JSON nested
+deeper than the decoder's recursion limit (~1000 levels, in any field, even an unknown one).
+``tools``, ``tool_choice`` and ``response_format`` are accepted by the decoder; the
+preprocessor lets through only the no-op values SDKs send as defaults (``[]``, ``"none"``,
+``{"type": "text"}``) and rejects any other with a 400 that names the field (not implemented).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class ChatCompletionRequest(_CommonRequest, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    # true: special-token text in message content becomes special tokens (default: text)
+    parse_special_tokens: bool | None = False
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
@@ -78,13 +81,17 @@ class CompletionRequest(_CommonRequest, kw_only=True):
     suffix: str | None = None
 
 
+_TOO_DEEP = "malformed JSON body: nested too deeply"
 _PATH = re.compile(r"at `\$\.?([A-Za-z_]+)")
 
 
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
-    """Decodes and type-checks ``body`` into ``kind``; ``InvalidRequestError`` otherwise."""
+    """Decodes and type-checks ``body`` into ``kind``; ``InvalidRequestError`` otherwise (bad
+    JSON, wrong types, nesting past the recursion limit)."""
     try:
         return msgspec.json.decode(body, type=kind)
+    except RecursionError:  # msgspec's C decoder counts depth against Python's limit
+        raise InvalidRequestError(_TOO_DEEP) from None
     except msgspec.ValidationError as e:
         match = _PATH.search(str(e))
         raise InvalidRequestError(str(e), param=match.group(1) if match else None) from None
@@ -96,6 +103,6 @@ def unknown_fields(body: bytes, kind: type[msgspec.Struct]) -> list[str]:
     """Top-level keys of ``body`` that ``kind`` does not know (for a debug log only)."""
     try:
         keys = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return []
     return sorted(set(keys) - set(kind.__struct_fields__)) if isinstance(keys, dict) else []

@@ -22,14 +22,12 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.frontend.errors import HttpError
+from tokenmill.core.errors import ClientDisconnectedError
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-class ClientDisconnectedError(HttpError):
-    def __init__(self) -> None:
-        super().__init__(499, "client disconnected", code="client_disconnected")
+__all__ = ["SSE_DONE", "ClientDisconnectedError", "SSEResponse", "cancel_on_disconnect"]
 
 
 async def _wait_disconnect(receive: Receive) -> None:

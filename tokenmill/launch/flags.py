@@ -112,6 +112,9 @@ def add_http(p: Parser) -> None:
     p.add_argument("--timeout-keep-alive", type=POSITIVE, default=KEEP_ALIVE_S,
                    help="seconds an idle HTTP connection stays open")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=NON_NEGATIVE, default=30.0, help="drain time on exit")
+    p.add_argument("--header-timeout", type=POSITIVE, default=30.0,
+                   help="seconds to receive a request's headers (from the connection or the "
+                   "request's first byte); 408 and close after")  # fmt: skip
 
 
 def add_frontend(p: Parser) -> None:
@@ -123,6 +126,9 @@ def add_frontend(p: Parser) -> None:
                    help="max_tokens of a chat request that sets none (default: the rest of "
                    "the context; completions default to 16, as OpenAI's)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=4 * 1024 * 1024)
+    p.add_argument("--body-timeout", type=POSITIVE, default=60.0,
+                   help="seconds to receive a request's body once its headers arrived; 408 "
+                   "and close after")  # fmt: skip
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds; 504 after")
     p.add_argument("--migration-limit", type=NON_NEGATIVE_INT, default=3, help="migrations per request")
     p.add_argument("--allow-pinning", action="store_true",

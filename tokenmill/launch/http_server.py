@@ -6,18 +6,26 @@ SIGINT/SIGTERM: stop accepting connections, close idle keep-alive ones, ``await
 stack.drain(timeout)`` (in-flight requests finish or are aborted), then uvicorn's own
 shutdown (a backstop that cancels what is still running). Signals are not re-raised
 afterwards: the process exits 0.
+
+Read deadlines: a connection's request headers must arrive within ``http.header_timeout_s``
+of the connection (or of the request's first byte, on a kept-alive connection), else it is
+answered 408 and closed (uvicorn has no such timer: a client that sends half a header line
+would hold the connection forever). The body's deadline is the app's (``FrontendConfig.
+body_timeout_s``), so its 408 is counted and logged like any response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tokenmill.core.errors import RequestTimeoutError
 from tokenmill.launch.gc_tuning import freeze_startup_heap
 from tokenmill.launch.specs import HttpSpec
 
@@ -56,7 +64,7 @@ def make_server(app: Any, http: HttpSpec, drain: Drain | None = None) -> Any:
         host=http.host,
         port=http.port,
         loop="none",
-        http="httptools",
+        http=_protocol_with_header_deadline(http.header_timeout_s),
         lifespan="on",
         log_level="warning",
         access_log=False,
@@ -64,6 +72,60 @@ def make_server(app: Any, http: HttpSpec, drain: Drain | None = None) -> Any:
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_S,
     )
     return _Server(config)
+
+
+def _timeout_response(seconds: float) -> bytes:
+    err = RequestTimeoutError(f"the request headers did not arrive within {seconds:g} s")
+    body = json.dumps({"error": {"message": str(err), "type": err.type, "param": None,
+                                 "code": err.openai_code}}).encode()  # fmt: skip
+    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+def _protocol_with_header_deadline(header_timeout_s: float) -> type:
+    """uvicorn's httptools protocol with a header timer: armed on ``connection_made`` and on
+    each request's first byte (``on_message_begin``), cancelled once the headers are parsed
+    (``on_headers_complete``) or the connection is lost; when it fires, 408 and close."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    response = _timeout_response(header_timeout_s)
+
+    class _Protocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._header_timer is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout_s, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _timed_out(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+
+    return _Protocol
 
 
 async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "",

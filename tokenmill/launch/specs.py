@@ -101,11 +101,12 @@ class HttpSpec:
     event_loop: str = "asyncio"
     timeout_keep_alive_s: float = 65.0
     shutdown_timeout_s: float = 30.0  # in-flight streams' drain time on SIGTERM
+    header_timeout_s: float = 30.0  # a request's headers, from its first byte; 408 after
 
     @classmethod
     def from_args(cls, args: Namespace) -> HttpSpec:
         return cls(args.host, args.port, args.event_loop, args.timeout_keep_alive,
-                   args.shutdown_timeout)  # fmt: skip
+                   args.shutdown_timeout, args.header_timeout)  # fmt: skip
 
 
 WORKER_COMPONENT = "backend"  # the discovery component of worker endpoints
@@ -191,6 +192,7 @@ def frontend_config(args: Namespace) -> Any:
         protect_metrics=args.protect_metrics,
         max_tokens_default=args.max_tokens_default,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
         request_timeout_s=args.request_timeout,
         migration_limit=args.migration_limit,
         allow_pinning=args.allow_pinning,
