@@ -76,7 +76,7 @@ async def test_unfinished_body_gets_408_and_close(tiny_model_dir):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             metrics = (await client.get("/metrics")).text
     assert (status, error["code"], after) == (408, "request_timeout", b"")
-    assert 'tokenmill_requests_total{endpoint="completions",status="408"} 1.0' in metrics
+    assert 'tokenmill_requests_total{endpoint="completions",model="",status="408"} 1.0' in metrics
 
 
 async def test_keep_alive_requests_are_not_cut_by_the_header_deadline(tiny_model_dir):
@@ -99,7 +99,7 @@ async def test_client_closing_mid_body_is_a_499_not_an_internal_error(tiny_model
             async with asyncio.timeout(10):  # the server notices the close on its own time
                 while 'status="499"' not in (metrics := (await client.get("/metrics")).text):
                     await asyncio.sleep(0.01)
-    assert 'tokenmill_requests_total{endpoint="completions",status="499"} 1.0' in metrics
+    assert 'tokenmill_requests_total{endpoint="completions",model="",status="499"} 1.0' in metrics
     assert 'status="500"' not in metrics
     records = [r for r in caplog.records if r.name.startswith("tokenmill")]
     assert [r.levelno for r in records] == [logging.INFO] and "499" in records[0].getMessage()
