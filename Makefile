@@ -24,6 +24,7 @@ serve: install
 
 lint: install
 	$(BIN)/ruff check tokenmill tests benchmarks
+	$(BIN)/ruff format --check tokenmill tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

@@ -34,11 +34,13 @@ NUM_REQUESTS = {1: 200, 32: 1600, 128: 3200}
 OUTPUT_TOKENS = 32
 WORDS_PER_PROMPT = 100  # ~128 tokens with SmolLM2's tokenizer and the chat template
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-VOCAB = ("time person year way day thing man world life hand part child eye woman place work "
-         "week case point government company number group problem fact be have do say get make "
-         "go know take see come think look want give use find tell ask seem feel try leave call "
-         "good new first last long great little own other old right big high different small "
-         "large next early young important few public bad same able").split()  # fmt: skip
+VOCAB = (
+    "time person year way day thing man world life hand part child eye woman place work "
+    "week case point government company number group problem fact be have do say get make "
+    "go know take see come think look want give use find tell ask seem feel try leave call "
+    "good new first last long great little own other old right big high different small "
+    "large next early young important few public bad same able"
+).split()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -47,8 +49,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(engine: str, port: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
-            "--port", str(port), "--engine", engine, "--mocker-speedup", "1000"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        str(port),
+        "--engine",
+        engine,
+        "--mocker-speedup",
+        "1000",
+    ]
 
     # echo/mocker: no torch threads needed; the real model gets the default thread count
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if engine != "real" else dict(os.environ)
@@ -75,9 +89,14 @@ def prompt(rng: random.Random, i: int) -> str:
 
 
 async def one_request(session, url: str, text: str) -> dict:
-    body = {"model": None, "messages": [{"role": "user", "content": text}], "stream": True,
-            "max_tokens": OUTPUT_TOKENS, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": None,
+        "messages": [{"role": "user", "content": text}],
+        "stream": True,
+        "max_tokens": OUTPUT_TOKENS,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     body.pop("model")
     start = time.perf_counter()
     ttft, usage, chunks = None, None, 0
@@ -138,14 +157,20 @@ def summarize(concurrency: int, results: list[dict], wall: float, cpu: float) ->
         "num_requests": len(results),
         "requests_per_s": round(len(results) / wall, 1),
         "output_tokens_per_s": round(sum(out_tokens) / wall, 1),
-        "mean_prompt_tokens": round(statistics.mean(r["usage"]["prompt_tokens"] for r in results), 1),
+        "mean_prompt_tokens": round(
+            statistics.mean(r["usage"]["prompt_tokens"] for r in results), 1
+        ),
         "mean_output_tokens": round(statistics.mean(out_tokens), 1),
-        "ttft_ms": {q: round(pct(ttft, v), 2) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
-        "e2e_ms": {q: round(pct(e2e, v), 2) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
+        "ttft_ms": {
+            q: round(pct(ttft, v), 2) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        },
+        "e2e_ms": {
+            q: round(pct(e2e, v), 2) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        },
         "itl_ms_mean": round(statistics.mean(r["itl"] for r in results) * 1000, 2),
         "server_cpu_ms_per_request": round(cpu * 1000 / len(results), 3),
         "server_cpu_utilization": round(cpu / wall, 2),
-    }  # fmt: skip
+    }
 
 
 async def bench_engine(
@@ -236,11 +261,17 @@ def main() -> None:
     }
     reference = {"dynamo_1.6.1_cpu_ms_per_request": {"32": 1.6, "128": 0.95}}
     ratios = {
-        e: {str(lv["concurrency"]): round(lv["server_cpu_ms_per_request"] / reference[
-            "dynamo_1.6.1_cpu_ms_per_request"][str(lv["concurrency"])], 2)
-            for lv in levels if str(lv["concurrency"]) in ("32", "128")}
+        e: {
+            str(lv["concurrency"]): round(
+                lv["server_cpu_ms_per_request"]
+                / reference["dynamo_1.6.1_cpu_ms_per_request"][str(lv["concurrency"])],
+                2,
+            )
+            for lv in levels
+            if str(lv["concurrency"]) in ("32", "128")
+        }
         for e, levels in results.items()
-    }  # fmt: skip
+    }
     out = {
         "benchmark": "frontend serving overhead (streaming chat, ~128-token unique prompts, 32 output tokens)",
         "machine": f"{os.cpu_count()} CPUs (shared with the load generator)",

@@ -35,26 +35,46 @@ from tiny_models import write_tokenizer_files  # noqa: E402
 from tokenmill.bench.engine import EngineBenchConfig, run  # noqa: E402
 
 LLAMA3_ROPE = dict(
-    rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-    high_freq_factor=4.0, original_max_position_embeddings=8192,
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
 )
 SHAPES = {
     "full": {
         "smollm2-135m": dict(
-            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
             rope_theta=100000.0,
         ),
         "llama-1b": dict(
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-            max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_parameters=LLAMA3_ROPE,
         ),
     },
     "tiny": {
         "tiny-llama": dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=2048,
             rope_theta=100000.0,
         ),
     },
@@ -82,8 +102,12 @@ def build_model(root: Path, name: str, shape: dict, device: str) -> Path:
     import transformers
 
     config = transformers.LlamaConfig(
-        **shape, tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu",
-        bos_token_id=2, eos_token_id=3,
+        **shape,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bos_token_id=2,
+        eos_token_id=3,
     )
     torch.manual_seed(0)
     with torch.device(device):  # init on the GPU: seconds instead of a minute for 1B on CPU
@@ -158,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(bench_config(args, model_dir, size, name))
         row = summary(name, result, time.perf_counter() - t0)
         if row["output_tokens"] != row["workload_output_tokens"]:
-            raise SystemExit(f"{name}: tokenmill produced {row['output_tokens']} tokens, the "
-                             f"workload asks for {row['workload_output_tokens']}")
+            raise SystemExit(
+                f"{name}: tokenmill produced {row['output_tokens']} tokens, the "
+                f"workload asks for {row['workload_output_tokens']}"
+            )
         print(json.dumps(row), flush=True)
         rows.append(row)
     (Path(args.out_dir) / "bench_summary.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -56,10 +56,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--stacks", nargs="+", default=["dynamo", "tokenmill"],
-                   choices=["dynamo", "tokenmill", "tokenmill-interval0",
-                            "tokenmill-speedup5", "tokenmill-uvloop",
-                            "tokenmill-speedup5-uvloop"])  # fmt: skip
+    p.add_argument(
+        "--stacks",
+        nargs="+",
+        default=["dynamo", "tokenmill"],
+        choices=[
+            "dynamo",
+            "tokenmill",
+            "tokenmill-interval0",
+            "tokenmill-speedup5",
+            "tokenmill-uvloop",
+            "tokenmill-speedup5-uvloop",
+        ],
+    )
     p.add_argument("--work", default=str(TMP / "tm-vs-dyn"), help="logs and raw results")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/dynamo_side_by_side.json"))
     return p.parse_args()
@@ -67,10 +76,18 @@ def parse_args() -> argparse.Namespace:
 
 def run_dynamo(a: argparse.Namespace, out: Path) -> dict[int, dict]:
     """online.sh as is; returns its per-concurrency loadgen JSON (with server CPU)."""
-    env = {**os.environ, "REQUESTS": str(a.requests), "WARMUP": str(a.warmup),
-           "CONCURRENCIES": " ".join(map(str, a.concurrency))}  # fmt: skip
-    subprocess.run(["bash", str(ANCHORS / "dynamo/online.sh"), str(out)], env=env, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "REQUESTS": str(a.requests),
+        "WARMUP": str(a.warmup),
+        "CONCURRENCIES": " ".join(map(str, a.concurrency)),
+    }
+    subprocess.run(
+        ["bash", str(ANCHORS / "dynamo/online.sh"), str(out)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return {c: json.loads((out / f"online_c{c}.json").read_text()) for c in a.concurrency}
 
 
@@ -92,9 +109,27 @@ def cpu_s(pid: int) -> float:
 
 def loadgen(a: argparse.Namespace, port: int, c: int, out: Path) -> dict:
     """One loadgen call (warm-up + measured phase), with the Dynamo venv's Python."""
-    cmd = [str(VENV / "bin/python"), str(ANCHORS / "loadgen.py"), "--url", f"http://127.0.0.1:{port}",
-           "--model", MODEL, "-n", str(a.requests), "-c", str(c), "--input-words", "128",
-           "--max-tokens", "32", "--ignore-eos", "--warmup", str(a.warmup), "--out", str(out)]  # fmt: skip
+    cmd = [
+        str(VENV / "bin/python"),
+        str(ANCHORS / "loadgen.py"),
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--model",
+        MODEL,
+        "-n",
+        str(a.requests),
+        "-c",
+        str(c),
+        "--input-words",
+        "128",
+        "--max-tokens",
+        "32",
+        "--ignore-eos",
+        "--warmup",
+        str(a.warmup),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -104,9 +139,31 @@ def run_tokenmill(a: argparse.Namespace, out: Path, extra: tuple[str, ...] = ())
     ``extra``: more ``serve`` flags (the ``tokenmill-interval0`` stack)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve", "--workers", "2",
-           "--engine", "mocker", "--mocker-speedup", "100", "--router-mode", "kv", "--model", str(TOK),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--workers",
+        "2",
+        "--engine",
+        "mocker",
+        "--mocker-speedup",
+        "100",
+        "--router-mode",
+        "kv",
+        "--model",
+        str(TOK),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -165,20 +222,21 @@ def main() -> int:
     subprocess.run(
         ["bash", str(ANCHORS / "dynamo/setup.sh")], check=True, stdout=subprocess.DEVNULL
     )
-    runners = {"dynamo": run_dynamo, "tokenmill": run_tokenmill,
-               # every step's outputs sent at once (no 1 ms output coalescing in the workers)
-               "tokenmill-interval0": lambda a, out: run_tokenmill(
-                   a, out, ("--stream-interval-ms", "0")),
-               # mocker at speedup 5: decode steps ~1.1 ms of wall time each, so tokens are
-               # spread over the stream as Dynamo's mocker spreads them (its steps measured
-               # ~1.3 ms at c=32: E2E - TTFT over 31 gaps), instead of arriving in one burst
-               "tokenmill-speedup5": lambda a, out: run_tokenmill(
-                   a, out, ("--mocker-speedup", "5")),
-               # the frontend on uvloop, the default before this was measured
-               "tokenmill-uvloop": lambda a, out: run_tokenmill(
-                   a, out, ("--event-loop", "uvloop")),
-               "tokenmill-speedup5-uvloop": lambda a, out: run_tokenmill(
-                   a, out, ("--mocker-speedup", "5", "--event-loop", "uvloop"))}  # fmt: skip
+    runners = {
+        "dynamo": run_dynamo,
+        "tokenmill": run_tokenmill,
+        # every step's outputs sent at once (no 1 ms output coalescing in the workers)
+        "tokenmill-interval0": lambda a, out: run_tokenmill(a, out, ("--stream-interval-ms", "0")),
+        # mocker at speedup 5: decode steps ~1.1 ms of wall time each, so tokens are
+        # spread over the stream as Dynamo's mocker spreads them (its steps measured
+        # ~1.3 ms at c=32: E2E - TTFT over 31 gaps), instead of arriving in one burst
+        "tokenmill-speedup5": lambda a, out: run_tokenmill(a, out, ("--mocker-speedup", "5")),
+        # the frontend on uvloop, the default before this was measured
+        "tokenmill-uvloop": lambda a, out: run_tokenmill(a, out, ("--event-loop", "uvloop")),
+        "tokenmill-speedup5-uvloop": lambda a, out: run_tokenmill(
+            a, out, ("--mocker-speedup", "5", "--event-loop", "uvloop")
+        ),
+    }
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in a.concurrency} for s in a.stacks}
     for r in range(a.runs):
         for stack in a.stacks if r % 2 == 0 else list(reversed(a.stacks)):
@@ -190,11 +248,16 @@ def main() -> int:
 
 
 def write(a: argparse.Namespace, runs: dict) -> None:
-    doc = {"what": "tokenmill vs Dynamo 1.6.1 online, interleaved; see benchmarks/online_dynamo.py",
-           "requests": a.requests, "warmup": a.warmup, "input_words": 128, "max_tokens": 32,
-           "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-           "median": {s: {str(c): medians(v) for c, v in byc.items() if v} for s, byc in runs.items()},
-           "runs": {s: {str(c): v for c, v in byc.items()} for s, byc in runs.items()}}  # fmt: skip
+    doc = {
+        "what": "tokenmill vs Dynamo 1.6.1 online, interleaved; see benchmarks/online_dynamo.py",
+        "requests": a.requests,
+        "warmup": a.warmup,
+        "input_words": 128,
+        "max_tokens": 32,
+        "host": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+        "median": {s: {str(c): medians(v) for c, v in byc.items() if v} for s, byc in runs.items()},
+        "runs": {s: {str(c): v for c, v in byc.items()} for s, byc in runs.items()},
+    }
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
 
 

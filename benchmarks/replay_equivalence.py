@@ -43,10 +43,25 @@ def run_replay(root: Path, mode: str, args: argparse.Namespace) -> dict:
     """One replay of ``mode`` with the code under ``root``; its report plus digest and times."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "tokenmill", "replay", "--trace", str(args.trace),
-               "--workers", str(args.workers), "--router-mode", mode, "--arrival-speed",
-               str(args.speed), "--seed", str(args.seed), "--output", str(out),
-               "--save-requests"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "replay",
+            "--trace",
+            str(args.trace),
+            "--workers",
+            str(args.workers),
+            "--router-mode",
+            mode,
+            "--arrival-speed",
+            str(args.speed),
+            "--seed",
+            str(args.seed),
+            "--output",
+            str(out),
+            "--save-requests",
+        ]
         if args.max_requests:
             cmd += ["--max-requests", str(args.max_requests)]
         env = {**os.environ, "PYTHONPATH": str(root)}
@@ -117,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             news.append(run_replay(args.new.resolve(), mode, args))
         runs[mode] = r = compare(fastest(olds), fastest(news))
         r["wall_s_all"] = {"old": [x["wall_s"] for x in olds], "new": [x["wall_s"] for x in news]}
-        r["identical"] = r["identical"] and all(compare(olds[0], x)["identical"] for x in olds + news)
-        print(f"{mode}: identical={r['identical']} wall old {r['old']['wall_s']} s new "
-              f"{r['new']['wall_s']} s (x{r['ratio']['wall_s']:.3f})", flush=True)  # fmt: skip
+        r["identical"] = r["identical"] and all(
+            compare(olds[0], x)["identical"] for x in olds + news
+        )
+        print(
+            f"{mode}: identical={r['identical']} wall old {r['old']['wall_s']} s new "
+            f"{r['new']['wall_s']} s (x{r['ratio']['wall_s']:.3f})",
+            flush=True,
+        )
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": config, "runs": runs}, indent=1) + "\n")

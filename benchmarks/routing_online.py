@@ -58,8 +58,14 @@ REPO = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/data/traces/conversation_trace.jsonl")
 TOK = Path(os.environ.get("DYNAMO_TOK", Path(os.environ.get("TMPDIR") or "/tmp") / "dynamo-tok"))
 MODEL = "tiny"
-TOLERANCE = {"output_tokens_per_s": 0.10, "ttft_mean": 0.25, "ttft_p50": 0.25, "ttft_p99": 0.25,
-             "itl_mean": 0.10, "e2e_mean": 0.10}  # fmt: skip
+TOLERANCE = {
+    "output_tokens_per_s": 0.10,
+    "ttft_mean": 0.25,
+    "ttft_p50": 0.25,
+    "ttft_p99": 0.25,
+    "itl_mean": 0.10,
+    "e2e_mean": 0.10,
+}
 LOAD_SAMPLE_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PACING = re.compile(r"mocker pacing: (\d+) steps, (\d+) late, ([\d.]+) s late")
@@ -82,10 +88,18 @@ def parse_args() -> argparse.Namespace:
         "--work", default=str(Path(os.environ.get("TMPDIR") or "/tmp") / "routing-online")
     )
     p.add_argument("--out", default=str(REPO / "benchmarks/results/routing_online.json"))
-    p.add_argument("--serve-args", nargs="*", default=[],
-                   help="more flags for tokenmill serve (e.g. --worker-event-loop asyncio)")
-    p.add_argument("--bench-args", nargs="*", default=[],
-                   help="more flags for tokenmill bench serve (e.g. --no-uvloop)")  # fmt: skip
+    p.add_argument(
+        "--serve-args",
+        nargs="*",
+        default=[],
+        help="more flags for tokenmill serve (e.g. --worker-event-loop asyncio)",
+    )
+    p.add_argument(
+        "--bench-args",
+        nargs="*",
+        default=[],
+        help="more flags for tokenmill bench serve (e.g. --no-uvloop)",
+    )
     return p.parse_args()
 
 
@@ -139,9 +153,13 @@ def pacing(log: str) -> dict:
     """The workers' exit lines summed: steps, steps that ran late, seconds late in total."""
     rows = [tuple(map(float, m)) for m in PACING.findall(log)]
     steps, late, late_s = (sum(col) for col in zip(*rows, strict=True)) if rows else (0, 0, 0.0)
-    return {"workers": len(rows), "steps": int(steps), "late_steps": int(late),
-            "late_fraction": round(late / steps, 4) if steps else None,
-            "late_s": round(late_s, 2)}  # fmt: skip
+    return {
+        "workers": len(rows),
+        "steps": int(steps),
+        "late_steps": int(late),
+        "late_fraction": round(late / steps, 4) if steps else None,
+        "late_s": round(late_s, 2),
+    }
 
 
 def scrape(port: int) -> dict[str, tuple[float, float]]:
@@ -187,10 +205,15 @@ def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dic
         off = replay[f"req-{on['index']}"]
         if on["error"] or on["first_token_s"] is None or off["first_token_ms"] < 0:
             continue
-        diff = (on["first_token_s"] - on["send_s"]) * 1e3 - (off["first_token_ms"] - off["arrival_ms"])
+        diff = (on["first_token_s"] - on["send_s"]) * 1e3 - (
+            off["first_token_ms"] - off["arrival_ms"]
+        )
         (same if on["num_cached_tokens"] == off["num_cached_tokens"] else differ).append(diff)
-    return {"ttft_diff_ms": spread(same + differ), "same_cached": spread(same),
-            "other_cached": spread(differ)}  # fmt: skip
+    return {
+        "ttft_diff_ms": spread(same + differ),
+        "same_cached": spread(same),
+        "other_cached": spread(differ),
+    }
 
 
 # The online TTFT of a request as consecutive stages (ms): the client's send to the frontend's
@@ -200,8 +223,9 @@ def per_request(online_requests: list[dict], replay_requests: list[dict]) -> dic
 STAGES = ("to_handler", "body", "route", "worker", "write", "to_client")
 
 
-def stages(online_requests: list[dict], origin_s: float, log: list[dict],
-           replay_requests: list[dict]) -> dict:  # fmt: skip
+def stages(
+    online_requests: list[dict], origin_s: float, log: list[dict], replay_requests: list[dict]
+) -> dict:
     """The ``STAGES`` of each online request, joined with the frontend's request log by
     response id (times on one host's monotonic clock), and ``worker_minus_replay``: the worker
     round trip less replay's TTFT for the same request (what the transport and the live
@@ -215,10 +239,14 @@ def stages(online_requests: list[dict], origin_s: float, log: list[dict],
             continue
         ms, arrival = line["ms"], line["arrival_monotonic"]
         first_write = arrival + ms["first_write"] / 1e3
-        split = {"to_handler": (arrival - origin_s - on["send_s"]) * 1e3, "body": ms["body"],
-                 "route": ms["routed"] - ms["body"], "worker": ms["first_token"] - ms["routed"],
-                 "write": ms["first_write"] - ms["first_token"],
-                 "to_client": (origin_s + on["first_token_s"] - first_write) * 1e3}  # fmt: skip
+        split = {
+            "to_handler": (arrival - origin_s - on["send_s"]) * 1e3,
+            "body": ms["body"],
+            "route": ms["routed"] - ms["body"],
+            "worker": ms["first_token"] - ms["routed"],
+            "write": ms["first_write"] - ms["first_token"],
+            "to_client": (origin_s + on["first_token_s"] - first_write) * 1e3,
+        }
         for name, value in split.items():
             rows[name].append(value)
         off = replay[f"req-{on['index']}"]
@@ -235,19 +263,53 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict
     log."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = tm("serve", "--workers", str(a.workers), "--engine", "mocker", "--model", str(TOK),
-             "--served-model-name", MODEL, "--router-mode", mode, "--port", str(port),
-             "--request-log", str(out / "requests.jsonl"), *a.serve_args)  # fmt: skip
+    cmd = tm(
+        "serve",
+        "--workers",
+        str(a.workers),
+        "--engine",
+        "mocker",
+        "--model",
+        str(TOK),
+        "--served-model-name",
+        MODEL,
+        "--router-mode",
+        mode,
+        "--port",
+        str(port),
+        "--request-log",
+        str(out / "requests.jsonl"),
+        *a.serve_args,
+    )
     (out / "requests.jsonl").unlink(missing_ok=True)
     with open(out / "serve.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         wait_model(port, proc, MODEL, 180.0)
         time.sleep(3)  # every worker registered
-        bench = tm("bench", "serve", "--url", f"http://127.0.0.1:{port}", "--model", MODEL,
-                   "--trace", a.trace, "--format", "mooncake", "--speed", str(a.speed),
-                   "--window", f"0:{a.window:g}", "--output-dir", str(out), "--no-plots",
-                   "--progress", "off", "--save-requests", *a.bench_args)  # fmt: skip
+        bench = tm(
+            "bench",
+            "serve",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--model",
+            MODEL,
+            "--trace",
+            a.trace,
+            "--format",
+            "mooncake",
+            "--speed",
+            str(a.speed),
+            "--window",
+            f"0:{a.window:g}",
+            "--output-dir",
+            str(out),
+            "--no-plots",
+            "--progress",
+            "off",
+            "--save-requests",
+            *a.bench_args,
+        )
         before = scrape(port)
         cpu0, t0 = tree_cpu_s(proc.pid), time.monotonic()
         with LoadSampler() as load:
@@ -263,8 +325,11 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    host = {"loadavg": load.summary(), "server_cores": round(cores, 2),
-            "pacing": pacing((out / "serve.log").read_text(errors="replace"))}  # fmt: skip
+    host = {
+        "loadavg": load.summary(),
+        "server_cores": round(cores, 2),
+        "pacing": pacing((out / "serve.log").read_text(errors="replace")),
+    }
     results = json.loads((out / "results.json").read_text())
     log = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     summary = {**results["summary"], "host": host, "server_ms": server}
@@ -273,9 +338,22 @@ def online(a: argparse.Namespace, mode: str, out: Path) -> tuple[dict, list[dict
 
 def offline(a: argparse.Namespace, mode: str, n: int, out: Path) -> tuple[dict, list[dict]]:
     """``tokenmill replay`` on the first ``n`` requests: its report and per-request records."""
-    cmd = tm("replay", "--trace", a.trace, "--workers", str(a.workers), "--router-mode", mode,
-             "--arrival-speed", str(a.speed), "--max-requests", str(n),
-             "--output", str(out), "--save-requests")  # fmt: skip
+    cmd = tm(
+        "replay",
+        "--trace",
+        a.trace,
+        "--workers",
+        str(a.workers),
+        "--router-mode",
+        mode,
+        "--arrival-speed",
+        str(a.speed),
+        "--max-requests",
+        str(n),
+        "--output",
+        str(out),
+        "--save-requests",
+    )
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
     return report, report.pop("requests")
@@ -313,14 +391,26 @@ def main() -> int:
     run = doc["runs"].get(key, {})
     if run.get("engine") != engine:  # measured with other settings: start over
         run = doc["runs"][key] = {"modes": {}}
-    run.update({"window_s": a.window, "speed": a.speed, "requests": n, "workers": a.workers,
-                "engine": engine, "tolerance": TOLERANCE})  # fmt: skip
+    run.update(
+        {
+            "window_s": a.window,
+            "speed": a.speed,
+            "requests": n,
+            "workers": a.workers,
+            "engine": engine,
+            "tolerance": TOLERANCE,
+        }
+    )
     for mode in a.modes:
         on, on_requests, origin, log = online(a, mode, work / f"online_{mode}")
         off, off_requests = offline(a, mode, n, work / f"replay_{mode}.json")
-        run["modes"][mode] = {"online": on, "replay": off, "compare": compare(on, off),
-                              "per_request": per_request(on_requests, off_requests),
-                              "stages_ms": stages(on_requests, origin, log, off_requests)}  # fmt: skip
+        run["modes"][mode] = {
+            "online": on,
+            "replay": off,
+            "compare": compare(on, off),
+            "per_request": per_request(on_requests, off_requests),
+            "stages_ms": stages(on_requests, origin, log, off_requests),
+        }
         print(json.dumps({"mode": mode, **run["modes"][mode]["compare"]}), flush=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

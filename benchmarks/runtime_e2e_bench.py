@@ -31,9 +31,26 @@ CONCURRENCY = (32, 128)
 
 def start_serve(model_dir: Path, workers: int) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve", "--port",
-           str(port), "--engine", "mocker", "--model", str(model_dir), "--served-model-name",
-           "tiny", "--mocker-speedup", "1000", "--workers", str(workers)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        str(port),
+        "--engine",
+        "mocker",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "tiny",
+        "--mocker-speedup",
+        "1000",
+        "--workers",
+        str(workers),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -44,8 +61,12 @@ def start_serve(model_dir: Path, workers: int) -> tuple[subprocess.Popen[str], s
 
 
 async def one(session: aiohttp.ClientSession, url: str, i: int) -> None:
-    body = {"model": "tiny", "prompt": f"request {i}: " + "word " * 20, "max_tokens": 16,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": f"request {i}: " + "word " * 20,
+        "max_tokens": 16,
+        "ignore_eos": True,
+    }
     async with session.post(url, json=body) as r:
         assert r.status == 200, await r.text()
         await r.read()
@@ -93,8 +114,10 @@ def main() -> None:
     for _ in range(args.runs):
         samples["single"].append(run_mode(model_dir, 0, args.requests))
         samples["workers"].append(run_mode(model_dir, args.workers, args.requests))
-    med = {mode: {c: statistics.median(s[c] for s in runs) for c in CONCURRENCY}
-           for mode, runs in samples.items()}  # fmt: skip
+    med = {
+        mode: {c: statistics.median(s[c] for s in runs) for c in CONCURRENCY}
+        for mode, runs in samples.items()
+    }
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
         "requests_per_concurrency": args.requests,
@@ -108,7 +131,7 @@ def main() -> None:
         "samples_rps": {
             mode: [{str(c): round(v, 1) for c, v in s.items()} for s in runs]
             for mode, runs in samples.items()
-        },  # fmt: skip
+        },
     }
     out = REPO / "benchmarks" / "results" / "runtime_e2e.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,14 +39,28 @@ BODY_CONTENT = "ab " * 1_300_000  # 3.9 MB
 
 def start_server(root: Path, port: int, echo_delay_s: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve", "--port",
-           str(port), "--engine", "echo", "--echo-delay", str(echo_delay_s),
-           "--served-model-name", MODEL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        str(port),
+        "--engine",
+        "echo",
+        "--echo-delay",
+        str(echo_delay_s),
+        "--served-model-name",
+        MODEL,
+    ]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
 
 
-async def stream_gaps(client: httpx.AsyncClient, arrivals: list[float], stop: asyncio.Event,
-                      started: asyncio.Event) -> None:  # fmt: skip
+async def stream_gaps(
+    client: httpx.AsyncClient, arrivals: list[float], stop: asyncio.Event, started: asyncio.Event
+) -> None:
     body = {"model": MODEL, "prompt": "count with me " * 8, "max_tokens": 7000, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -59,8 +73,9 @@ async def stream_gaps(client: httpx.AsyncClient, arrivals: list[float], stop: as
 
 
 def big_body() -> bytes:
-    return json.dumps({"model": MODEL, "max_tokens": 16,
-                       "messages": [{"role": "user", "content": BODY_CONTENT}]}).encode()  # fmt: skip
+    return json.dumps(
+        {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": BODY_CONTENT}]}
+    ).encode()
 
 
 def post_big(port: int, body: bytes) -> tuple[int, float]:
@@ -90,13 +105,15 @@ def _max_gap(arrivals: list[float], start: float, end: float) -> float:
 
 async def measure(port: int, num_bodies: int, senders: ProcessPoolExecutor) -> dict:
     loop = asyncio.get_running_loop()
-    bodies = await asyncio.gather(*(loop.run_in_executor(senders, big_body)
-                                    for _ in range(num_bodies)))  # fmt: skip
+    bodies = await asyncio.gather(
+        *(loop.run_in_executor(senders, big_body) for _ in range(num_bodies))
+    )
     arrivals: list[float] = []
     stop, started = asyncio.Event(), asyncio.Event()
     limits = httpx.Limits(max_connections=num_bodies + 4)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                                 limits=limits) as client:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
+    ) as client:
         streamer = asyncio.create_task(stream_gaps(client, arrivals, stop, started))
         await asyncio.wait_for(started.wait(), 60)
         await asyncio.sleep(0.5)  # a quiet stretch of the stream, for scale
@@ -140,8 +157,11 @@ def main() -> None:
     p.add_argument("--echo-delay", type=float, default=0.005)
     p.add_argument("--out", type=Path, default=here / "benchmarks/results/stall.json")
     args = p.parse_args()
-    results = {"bodies": args.bodies, "body_bytes": len(BODY_CONTENT) + 70,
-               "echo_delay_s": args.echo_delay}  # fmt: skip
+    results = {
+        "bodies": args.bodies,
+        "body_bytes": len(BODY_CONTENT) + 70,
+        "echo_delay_s": args.echo_delay,
+    }
     for name, root in (("baseline", args.baseline), ("candidate", args.candidate)):
         if root is not None:
             results[name] = run(root.resolve(), args.bodies, args.echo_delay)

@@ -108,13 +108,18 @@ class FakeOpenAIServer:
         if script.kind == "hang":
             await self._release.wait()
             return False
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chat = served.path.endswith("/chat/completions")
         for i in range(script.num_tokens):
             await asyncio.sleep(script.ttft_s if i == 0 else script.itl_s)
-            choice = {"index": 0, "delta": {"content": f"t{i}"}} if chat else {
-                "index": 0, "text": f"t{i}"}
+            choice = (
+                {"index": 0, "delta": {"content": f"t{i}"}}
+                if chat
+                else {"index": 0, "text": f"t{i}"}
+            )
             served.token_write_s.append(time.perf_counter())
             await self._chunk(writer, json.dumps({"choices": [choice]}))
         return await self._finish(script, served, writer)
@@ -127,10 +132,14 @@ class FakeOpenAIServer:
         if script.kind == "sse_error":
             await self._chunk(writer, json.dumps({"error": {"message": "engine died"}}))
         else:
-            await self._chunk(writer, json.dumps({"choices": [{"index": 0, "text": "",
-                                                              "finish_reason": "length"}]}))
+            await self._chunk(
+                writer,
+                json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+            )
             if script.report_usage:
-                await self._chunk(writer, json.dumps({"choices": [], "usage": _usage(script, served)}))
+                await self._chunk(
+                    writer, json.dumps({"choices": [], "usage": _usage(script, served)})
+                )
             await self._chunk(writer, "[DONE]")
         served.end_s = time.perf_counter()
         writer.write(b"0\r\n\r\n")
@@ -140,8 +149,10 @@ class FakeOpenAIServer:
 
 def _usage(script: Script, served: Served) -> dict:
     prompt = served.body.get("prompt")
-    usage = {"prompt_tokens": len(prompt) if isinstance(prompt, list) else 10,
-             "completion_tokens": script.num_tokens}
+    usage = {
+        "prompt_tokens": len(prompt) if isinstance(prompt, list) else 10,
+        "completion_tokens": script.num_tokens,
+    }
     if script.cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
     return usage

@@ -79,7 +79,9 @@ def default_template() -> str:
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
-def test_default_model_template_matches_transformers(default_template, index, add_generation_prompt):
+def test_default_model_template_matches_transformers(
+    default_template, index, add_generation_prompt
+):
     messages = CONVERSATIONS[index]
     special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     ours = render_chat_template(default_template, messages, add_generation_prompt, special)

@@ -32,7 +32,9 @@ class ByteVocab:
         return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
 
 
-def stream(vocab: ByteVocab, pieces: list[bytes], stop=()) -> tuple[list[str], IncrementalDetokenizer]:
+def stream(
+    vocab: ByteVocab, pieces: list[bytes], stop=()
+) -> tuple[list[str], IncrementalDetokenizer]:
     """Pushes one token at a time; returns the deltas (flush last) and the detokenizer."""
     detok = IncrementalDetokenizer(vocab.decode, stop)
     deltas = [detok.push(vocab.ids(p)) for p in pieces]

@@ -24,31 +24,63 @@ from tokenmill.frontend.errors import HttpError, classify
 # code: (class name, status, type, code in the error JSON, retryable)
 REGISTRY = {
     "invalid_request": ("InvalidRequestError", 400, "invalid_request_error", None, False),
-    "context_length_exceeded": ("ContextLengthExceededError", 400, "invalid_request_error",
-                                "context_length_exceeded", False),
-    "duplicate_request_id": ("DuplicateRequestError", 400, "invalid_request_error",
-                             "duplicate_request_id", False),
+    "context_length_exceeded": (
+        "ContextLengthExceededError",
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        False,
+    ),
+    "duplicate_request_id": (
+        "DuplicateRequestError",
+        400,
+        "invalid_request_error",
+        "duplicate_request_id",
+        False,
+    ),
     "overloaded": ("OverloadedError", 503, "overloaded_error", "overloaded", True),
     "no_instances": ("NoInstancesError", 503, "service_unavailable", "service_unavailable", True),
-    "instance_failed": ("InstanceFailedError", 503, "service_unavailable", "service_unavailable",
-                        True),
+    "instance_failed": (
+        "InstanceFailedError",
+        503,
+        "service_unavailable",
+        "service_unavailable",
+        True,
+    ),
     "engine_dead": ("EngineDeadError", 503, "service_unavailable", "service_unavailable", True),
-    "request_aborted": ("RequestAbortedError", 503, "service_unavailable", "service_unavailable",
-                        False),
+    "request_aborted": (
+        "RequestAbortedError",
+        503,
+        "service_unavailable",
+        "service_unavailable",
+        False,
+    ),
     "deadline_exceeded": ("DeadlineExceededError", 504, "timeout_error", "timeout", False),
-    "request_timeout": ("RequestTimeoutError", 408, "invalid_request_error", "request_timeout",
-                        False),
-    "client_disconnected": ("ClientDisconnectedError", 499, "invalid_request_error",
-                            "client_disconnected", False),
+    "request_timeout": (
+        "RequestTimeoutError",
+        408,
+        "invalid_request_error",
+        "request_timeout",
+        False,
+    ),
+    "client_disconnected": (
+        "ClientDisconnectedError",
+        499,
+        "invalid_request_error",
+        "client_disconnected",
+        False,
+    ),
     "engine_error": ("EngineError", 500, "internal_error", None, False),
     "model_load_error": ("ModelLoadError", 500, "internal_error", None, False),
     "internal_error": ("InternalError", 500, "internal_error", None, False),
-}  # fmt: skip
+}
 
 
 def test_registry_pins_every_code():
-    got = {code: (cls.__name__, cls.status, cls.type, cls.openai_code, cls.retryable)
-           for code, cls in registered_errors().items()}  # fmt: skip
+    got = {
+        code: (cls.__name__, cls.status, cls.type, cls.openai_code, cls.retryable)
+        for code, cls in registered_errors().items()
+    }
     assert got == REGISTRY
     assert all(cls.code == code for code, cls in registered_errors().items())
 
@@ -109,29 +141,73 @@ def _json(message, type, param=None, code=None):
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-@pytest.mark.parametrize(("exc", "status", "body", "headers"), [
-    (InvalidRequestError("n must be in [1, 128]", "n"), 400,
-     _json("n must be in [1, 128]", "invalid_request_error", "n"), {}),
-    (ContextLengthExceededError("too long"), 400,
-     _json("too long", "invalid_request_error", "messages", "context_length_exceeded"), {}),
-    (DuplicateRequestError.for_request("r-0"), 400,
-     _json("request id 'r-0' is already in flight", "invalid_request_error", "request_id",
-           "duplicate_request_id"), {}),
-    (OverloadedError("shed", retry_after_s=2.6), 503,
-     _json("shed", "overloaded_error", None, "overloaded"), {"Retry-After": "3"}),
-    (errors.NoInstancesError("no worker is serving"), 503,
-     _json("no worker is serving", "service_unavailable", None, "service_unavailable"),
-     {"Retry-After": "5"}),
-    (errors.RequestAbortedError("aborted"), 503,
-     _json("aborted", "service_unavailable", None, "service_unavailable"), {"Retry-After": "5"}),
-    (errors.DeadlineExceededError("late"), 504, _json("late", "timeout_error", None, "timeout"),
-     {}),
-    (errors.EngineError("RuntimeError: CUDA at /srv/x.py"), 500,
-     _json("internal error: EngineError", "internal_error"), {}),
-    (KeyError("secret"), 500, _json("internal error: KeyError", "internal_error"), {}),
-    (HttpError(404, "the model 'x' does not exist", param="model", code="model_not_found"), 404,
-     _json("the model 'x' does not exist", "invalid_request_error", "model", "model_not_found"),
-     {}),
-], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None)  # fmt: skip
+@pytest.mark.parametrize(
+    ("exc", "status", "body", "headers"),
+    [
+        (
+            InvalidRequestError("n must be in [1, 128]", "n"),
+            400,
+            _json("n must be in [1, 128]", "invalid_request_error", "n"),
+            {},
+        ),
+        (
+            ContextLengthExceededError("too long"),
+            400,
+            _json("too long", "invalid_request_error", "messages", "context_length_exceeded"),
+            {},
+        ),
+        (
+            DuplicateRequestError.for_request("r-0"),
+            400,
+            _json(
+                "request id 'r-0' is already in flight",
+                "invalid_request_error",
+                "request_id",
+                "duplicate_request_id",
+            ),
+            {},
+        ),
+        (
+            OverloadedError("shed", retry_after_s=2.6),
+            503,
+            _json("shed", "overloaded_error", None, "overloaded"),
+            {"Retry-After": "3"},
+        ),
+        (
+            errors.NoInstancesError("no worker is serving"),
+            503,
+            _json("no worker is serving", "service_unavailable", None, "service_unavailable"),
+            {"Retry-After": "5"},
+        ),
+        (
+            errors.RequestAbortedError("aborted"),
+            503,
+            _json("aborted", "service_unavailable", None, "service_unavailable"),
+            {"Retry-After": "5"},
+        ),
+        (
+            errors.DeadlineExceededError("late"),
+            504,
+            _json("late", "timeout_error", None, "timeout"),
+            {},
+        ),
+        (
+            errors.EngineError("RuntimeError: CUDA at /srv/x.py"),
+            500,
+            _json("internal error: EngineError", "internal_error"),
+            {},
+        ),
+        (KeyError("secret"), 500, _json("internal error: KeyError", "internal_error"), {}),
+        (
+            HttpError(404, "the model 'x' does not exist", param="model", code="model_not_found"),
+            404,
+            _json(
+                "the model 'x' does not exist", "invalid_request_error", "model", "model_not_found"
+            ),
+            {},
+        ),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
 def test_classify_maps_each_error_to_its_status_json_and_headers(exc, status, body, headers):
     assert classify(exc, retry_after_s=5.0) == (status, body, headers)

@@ -22,16 +22,37 @@ async def test_worker_router_frontend_processes_serve_with_kv_routing(nats_serve
     procs: list[Proc] = []
     try:
         for _ in range(2):
-            procs.append(Proc("worker", *nats, "--engine", "mocker", "--model",
-                              str(tiny_model_dir), "--served-model-name", "tiny",
-                              "--mocker-speedup", "100"))  # fmt: skip
+            procs.append(
+                Proc(
+                    "worker",
+                    *nats,
+                    "--engine",
+                    "mocker",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--served-model-name",
+                    "tiny",
+                    "--mocker-speedup",
+                    "100",
+                )
+            )
         procs.append(Proc("router", *nats, "--router-mode", "kv"))
         port = free_port()
         procs.append(Proc("frontend", *nats, "--port", str(port), "--remote-router"))
         for proc, text in zip(procs, ("ready", "ready", "ready", "serving"), strict=True):
             proc.wait_for(text)
-        other = Proc("worker", *nats, "--engine", "mocker", "--model", str(tiny_model_dir),
-                     "--served-model-name", "other", "--context-length", "4096")  # fmt: skip
+        other = Proc(
+            "worker",
+            *nats,
+            "--engine",
+            "mocker",
+            "--model",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "other",
+            "--context-length",
+            "4096",
+        )
         procs.append(other.wait_for("ready"))
         url = f"http://127.0.0.1:{port}/v1"
         body = {"model": "tiny", "prompt": "a long shared system prompt " * 60, "max_tokens": 4}
@@ -50,7 +71,9 @@ async def test_worker_router_frontend_processes_serve_with_kv_routing(nats_serve
         if len(procs) > 4:
             procs[4].stop()
     assert sorted((m["id"], m["max_model_len"]) for m in models) == [
-        ("other", 4096), ("tiny", 131072)]  # fmt: skip
+        ("other", 4096),
+        ("tiny", 131072),
+    ]
     prompt = usages[0]["prompt_tokens"]
     assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
     for usage in usages[1:]:

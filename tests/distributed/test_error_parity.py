@@ -68,12 +68,24 @@ def nats_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, nats_url) -> Iterator[dict[str, str]]:
     """{"serve": url, "serve --workers 2": url}, both started at once, stopped after."""
-    common = ("--engine", "mocker", "--model", str(tiny_model_dir), "--served-model-name",
-              "tiny", "--context-length", str(CONTEXT), "--max-body-bytes", "65536")  # fmt: skip
+    common = (
+        "--engine",
+        "mocker",
+        "--model",
+        str(tiny_model_dir),
+        "--served-model-name",
+        "tiny",
+        "--context-length",
+        str(CONTEXT),
+        "--max-body-bytes",
+        "65536",
+    )
     ports = {"serve": free_port(), "serve --workers 2": free_port()}
     extra = {"serve": (), "serve --workers 2": ("--workers", "2", "--nats", nats_url)}
-    procs = {name: Proc("serve", "--port", str(port), *common, *extra[name])
-             for name, port in ports.items()}  # fmt: skip
+    procs = {
+        name: Proc("serve", "--port", str(port), *common, *extra[name])
+        for name, port in ports.items()
+    }
     try:
         for proc in procs.values():
             proc.wait_for("tokenmill: serving")
@@ -104,8 +116,11 @@ def test_a_bad_request_gets_the_same_answer_from_both(servers, name):
 
 
 def engine_request(request_id: str, max_tokens: int) -> EngineRequest:
-    return EngineRequest(request_id=request_id, prompt_token_ids=list(range(10, 30)),
-                         params=SamplingParams(max_tokens=max_tokens))  # fmt: skip
+    return EngineRequest(
+        request_id=request_id,
+        prompt_token_ids=list(range(10, 30)),
+        params=SamplingParams(max_tokens=max_tokens),
+    )
 
 
 async def duplicate_answer(client, request_id: str, instance_id: str | None = None):
@@ -115,9 +130,7 @@ async def duplicate_answer(client, request_id: str, instance_id: str | None = No
     return classify(info.value)
 
 
-async def test_a_duplicate_request_id_gets_the_same_answer_in_process_and_across(
-    nats_url, servers
-):
+async def test_a_duplicate_request_id_gets_the_same_answer_in_process_and_across(nats_url, servers):
     runtime = InProcessRuntime()
     worker = Worker(EchoEngine(EchoConfig(token_delay_s=0.01)), runtime)
     await worker.start()
@@ -141,6 +154,14 @@ async def test_a_duplicate_request_id_gets_the_same_answer_in_process_and_across
     finally:
         await asyncio.gather(a.shutdown(), b.shutdown())
     assert by_worker == by_plane == expected
-    assert expected[:2] == (400, {"error": {
-        "message": "request id 'dup' is already in flight", "type": "invalid_request_error",
-        "param": "request_id", "code": "duplicate_request_id"}})  # fmt: skip
+    assert expected[:2] == (
+        400,
+        {
+            "error": {
+                "message": "request id 'dup' is already in flight",
+                "type": "invalid_request_error",
+                "param": "request_id",
+                "code": "duplicate_request_id",
+            }
+        },
+    )

@@ -41,8 +41,13 @@ class StreamResult:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, i: int, result: StreamResult) -> None:
-    body = {"model": "tiny", "prompt": f"story number {i}:", "max_tokens": MAX_TOKENS,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": f"story number {i}:",
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", url + "/completions", json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
@@ -101,8 +106,16 @@ async def wait_removed(watch, count: int) -> None:
 async def test_kill9_mid_stream_migrates_then_no_worker_is_a_clean_error(
     nats_server, tiny_model_dir, tokenizer
 ):
-    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url, "--worker-restarts", "0",
-                  "--mocker-speedup", MOCKER_SPEEDUP).wait_ready()  # fmt: skip
+    serve = Serve(
+        tiny_model_dir,
+        2,
+        "--nats",
+        nats_server.url,
+        "--worker-restarts",
+        "0",
+        "--mocker-speedup",
+        MOCKER_SPEEDUP,
+    ).wait_ready()
     runtime, watch = await removal_watch(nats_server.url)
     killed_at: list[float] = []
     try:
@@ -150,8 +163,16 @@ async def _expect_clean_error(url: str) -> None:
 async def test_sigterm_drains_and_nats_restart_resumes(nats_server, tiny_model_dir, tokenizer):
     """SIGTERM on a worker with a 1 s drain timeout (``--shutdown-timeout`` is passed to the
     workers): what does not finish in time is evicted and migrated, with no client error."""
-    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url, "--shutdown-timeout", "1",
-                  "--mocker-speedup", MOCKER_SPEEDUP).wait_ready()  # fmt: skip
+    serve = Serve(
+        tiny_model_dir,
+        2,
+        "--nats",
+        nats_server.url,
+        "--shutdown-timeout",
+        "1",
+        "--mocker-speedup",
+        MOCKER_SPEEDUP,
+    ).wait_ready()
     try:
 
         async def terminate_one() -> None:
@@ -199,8 +220,16 @@ def test_serve_with_workers_leaves_no_orphans(tiny_model_dir):
 
 
 async def test_long_repeated_prompt_goes_to_the_worker_holding_it(nats_server, tiny_model_dir):
-    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url, "--router-mode", "kv",
-                  "--mocker-speedup", "100").wait_ready()  # fmt: skip
+    serve = Serve(
+        tiny_model_dir,
+        2,
+        "--nats",
+        nats_server.url,
+        "--router-mode",
+        "kv",
+        "--mocker-speedup",
+        "100",
+    ).wait_ready()
     body = {"model": "tiny", "prompt": "the same long document " * 80, "max_tokens": 4}
     try:
         async with httpx.AsyncClient(timeout=60.0) as client:
@@ -227,11 +256,27 @@ async def test_long_repeated_prompt_goes_to_the_worker_holding_it(nats_server, t
 async def test_kill9_mid_stream_real_model_fp32_greedy(nats_server, tiny_model_dir):
     """The real engine (tiny llama, fp32, greedy): migrated streams equal an uninterrupted
     greedy run of the same prompt."""
-    serve = Serve(tiny_model_dir, 2, "--nats", nats_server.url, "--engine", "real",
-                  "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    serve = Serve(
+        tiny_model_dir,
+        2,
+        "--nats",
+        nats_server.url,
+        "--engine",
+        "real",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     serve.wait_ready()
-    body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 200, "stream": True,
-            "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": "def add(a, b):",
+        "max_tokens": 200,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     try:
         reference = StreamResult()
         async with httpx.AsyncClient(timeout=120.0) as client:

@@ -50,9 +50,12 @@ async def serve_worker(runtime: NatsRuntime, instance_id: str, publisher: KvPubl
 
 async def serve_replay(runtime: NatsRuntime, instance_id: str, publisher: KvPublisher):
     replay = EndpointId(NS, COMPONENT, KV_REPLAY_ENDPOINT)
-    return await runtime.serve_endpoint(replay, publisher.replay,
-                                        instance_id=replay_instance_id(instance_id),
-                                        request_type=KvReplayRequest)  # fmt: skip
+    return await runtime.serve_endpoint(
+        replay,
+        publisher.replay,
+        instance_id=replay_instance_id(instance_id),
+        request_type=KvReplayRequest,
+    )
 
 
 async def make_feed(runtime: NatsRuntime) -> tuple[KvEventFeed, KvRouterPolicy]:
@@ -123,8 +126,9 @@ async def test_full_dump_in_chunks_that_fit_the_nats_payload_limit(small_payload
     config = NatsRuntimeConfig(request_plane="nats")  # the dump crosses NATS itself
     worker_rt = await NatsRuntime.connect(small_payload_nats.url, config)
     router_rt = await NatsRuntime.connect(small_payload_nats.url, config)
-    publisher = KvPublisher(worker_rt, NS, COMPONENT,
-                            KvPublisherConfig(ring_size=16, max_chunk_bytes=4096))  # fmt: skip
+    publisher = KvPublisher(
+        worker_rt, NS, COMPONENT, KvPublisherConfig(ring_size=16, max_chunk_bytes=4096)
+    )
     try:
         publisher.bind("w1")
         for first in range(0, 2000, 100):  # before any router listens: all in the dump
@@ -147,8 +151,9 @@ async def test_a_worker_without_kv_events_turns_on_the_approximate_index(nats_se
     worker_rt = await NatsRuntime.connect(nats_server.url)
     router_rt = await NatsRuntime.connect(nats_server.url)
     try:
-        quiet = await worker_rt.serve_endpoint(GENERATE, idle_handler, instance_id="quiet",
-                                               metadata={"kv_events": "0"})  # fmt: skip
+        quiet = await worker_rt.serve_endpoint(
+            GENERATE, idle_handler, instance_id="quiet", metadata={"kv_events": "0"}
+        )
         feed, policy = await make_feed(router_rt)
         assert policy.router.approx is None
         await until(lambda: policy.router.approx is not None)
@@ -207,7 +212,6 @@ async def test_two_router_replicas_spread_load_instead_of_herding(nats_server):
     assert all(herded[i] == herded[i + 1] for i in range(0, 8, 2))
     assert sorted(spread.count(w) for w in ("w1", "w2")) == [4, 4]
     assert all(spread[i] != spread[i + 1] for i in range(0, 8, 2))
-
 
 
 async def test_worker_puts_its_tokenizer_blob_back_after_nats_loses_its_store(

@@ -30,7 +30,9 @@ async def test_pin_wins_and_knobs_reach_the_policy():
     assert (overrides.policy.temperature, overrides.policy.lower_tier_credit) == (0.7, 0.25)
     assert overrides.worker_id is None
     assert await policy.select(request(2), ["w1", "w2"]) == other
-    assert await RoundRobinPolicy().select(request(3), ["a", "b"], RouterOptions(worker_id="b")) == "b"
+    assert (
+        await RoundRobinPolicy().select(request(3), ["a", "b"], RouterOptions(worker_id="b")) == "b"
+    )
 
 
 async def _post(config: FrontendConfig, tiny_model_dir, body: dict) -> httpx.Response:

@@ -41,8 +41,12 @@ async def test_a_killed_worker_and_nats_are_replaced(tiny_model_dir):
     try:
         killed_at = time.monotonic()
         os.kill(serve.worker_pids[0], signal.SIGKILL)
-        await _line_matching(serve, rf"worker 0 \(pid {serve.worker_pids[0]}\) killed by "
-                             r"SIGKILL; restarting in", 10)  # fmt: skip
+        await _line_matching(
+            serve,
+            rf"worker 0 \(pid {serve.worker_pids[0]}\) killed by "
+            r"SIGKILL; restarting in",
+            10,
+        )
         new_pid = int((await _line_matching(serve, r"worker 0 restarted \(pid (\d+)\)", 10))[1])
         await _line_matching(serve, r"tokenmill worker: ready", REPLACEMENT_S)
         assert pid_gone(serve.worker_pids[0])  # reaped, not a zombie

@@ -106,19 +106,47 @@ async def test_outputs_queued_while_the_consumer_is_busy_arrive_merged():
 def test_merge_outputs_concatenates_increments_and_keeps_the_last_counts():
     lp = [TokenLogprob(7, -0.5, []), TokenLogprob(8, -1.0, [(9, -2.0)])]
     outs = [
-        RequestOutput(request_id="r", new_token_ids=[7], text_delta="a", logprobs=lp[:1],
-                      num_prompt_tokens=3, num_output_tokens=1, num_cached_tokens=2),
-        RequestOutput(request_id="r", new_token_ids=[8], text_delta="b", logprobs=lp[1:],
-                      num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2),
-        RequestOutput(request_id="r", new_token_ids=[], text_delta="c",
-                      finish_reason=FinishReason.STOP, stop_reason="x",
-                      num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2),
+        RequestOutput(
+            request_id="r",
+            new_token_ids=[7],
+            text_delta="a",
+            logprobs=lp[:1],
+            num_prompt_tokens=3,
+            num_output_tokens=1,
+            num_cached_tokens=2,
+        ),
+        RequestOutput(
+            request_id="r",
+            new_token_ids=[8],
+            text_delta="b",
+            logprobs=lp[1:],
+            num_prompt_tokens=3,
+            num_output_tokens=2,
+            num_cached_tokens=2,
+        ),
+        RequestOutput(
+            request_id="r",
+            new_token_ids=[],
+            text_delta="c",
+            finish_reason=FinishReason.STOP,
+            stop_reason="x",
+            num_prompt_tokens=3,
+            num_output_tokens=2,
+            num_cached_tokens=2,
+        ),
     ]
     merged = merge_outputs(outs)
     assert merged == RequestOutput(
-        request_id="r", new_token_ids=[7, 8], text_delta="abc", logprobs=lp,
-        finish_reason=FinishReason.STOP, stop_reason="x",
-        num_prompt_tokens=3, num_output_tokens=2, num_cached_tokens=2)
+        request_id="r",
+        new_token_ids=[7, 8],
+        text_delta="abc",
+        logprobs=lp,
+        finish_reason=FinishReason.STOP,
+        stop_reason="x",
+        num_prompt_tokens=3,
+        num_output_tokens=2,
+        num_cached_tokens=2,
+    )
     assert merge_outputs(outs[1:]).logprobs == lp[1:]
     plain = [msgspec.structs.replace(o, logprobs=None) for o in outs]
     assert merge_outputs(plain).logprobs is None

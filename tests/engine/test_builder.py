@@ -40,14 +40,22 @@ class EchoExecutor(Executor):
 
 
 def _req(rid: str, ids=(1, 2, 3), **params) -> EngineRequest:
-    return EngineRequest(request_id=rid, prompt_token_ids=list(ids),
-                         params=SamplingParams(**params))  # fmt: skip
+    return EngineRequest(
+        request_id=rid, prompt_token_ids=list(ids), params=SamplingParams(**params)
+    )
 
 
 def test_build_core_wires_limits_eos_sink_and_clock():
     events = []
-    core = build_core(EchoExecutor(32, 8), CACHE, SCHED, vocab_size=10, eos_token_ids=(7,),
-                      event_sink=events.append, clock=lambda: 42.0)  # fmt: skip
+    core = build_core(
+        EchoExecutor(32, 8),
+        CACHE,
+        SCHED,
+        vocab_size=10,
+        eos_token_ids=(7,),
+        event_sink=events.append,
+        clock=lambda: 42.0,
+    )
     assert (core.vocab_size, core.max_model_len, core.decode) == (10, 128, None)
     assert core.scheduler.eos_token_ids == frozenset({7})
     assert core.scheduler.config is SCHED and core.scheduler.kv.num_blocks == 32
@@ -66,8 +74,9 @@ def test_build_core_rejects_an_executor_of_another_pool_size():
 def test_build_mock_core_is_the_mocker_without_eos():
     clock, events = (lambda: 5.0), []
     timing = PolynomialTiming(prefill=(0.0, 1.0, 0.0))
-    core = build_mock_core(CACHE, SCHED, timing=timing, vocab_size=100, seed=3,
-                           event_sink=events.append, clock=clock)  # fmt: skip
+    core = build_mock_core(
+        CACHE, SCHED, timing=timing, vocab_size=100, seed=3, event_sink=events.append, clock=clock
+    )
     ex = core.executor
     assert isinstance(ex, MockExecutor) and ex.pacer is None and ex.timing is timing
     assert (ex.num_blocks, ex.block_size, ex.tokens.vocab_size, ex.tokens.seed) == (32, 8, 100, 3)
@@ -121,12 +130,16 @@ def loaded(tiny_model_dir):
 
 
 def test_build_real_core_sizes_the_pool_from_the_memory_budget(loaded):
-    core = build_real_core(loaded, SCHED, block_size=4, kv_cache_memory=1 << 20,
-                           decode_group_size=2)  # fmt: skip
+    core = build_real_core(
+        loaded, SCHED, block_size=4, kv_cache_memory=1 << 20, decode_group_size=2
+    )
     expected = num_blocks_for_memory(1 << 20, loaded.config, 4, 4)
     runner = core.executor
     assert (runner.num_blocks, runner.block_size, core.scheduler.kv.num_blocks) == (
-        expected, 4, expected)  # fmt: skip
+        expected,
+        4,
+        expected,
+    )
     assert runner.attn.decode_group_size == 2
     assert core.scheduler.eos_token_ids == frozenset(loaded.tokenizer.eos_token_ids)
     assert core.vocab_size == loaded.config.vocab_size and core.decode is not None

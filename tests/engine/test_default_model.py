@@ -83,8 +83,12 @@ def test_default_tokenizer_matches_transformers(loaded, hf_tokenizer):
 def test_default_chat_template_matches_transformers(loaded, hf_tokenizer):
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"},
+        ],
     ]
     for messages in conversations:
         for add in (True, False):

@@ -32,8 +32,17 @@ def expected_answer(model_dir, messages, max_tokens: int) -> str:
 
 
 def test_generate_prints_the_greedy_answer(model_dir, capsys):
-    code = main(["generate", "The capital of France is", "--model", str(model_dir),
-                 "--max-tokens", "12", *DEVICE_ARGS])
+    code = main(
+        [
+            "generate",
+            "The capital of France is",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "12",
+            *DEVICE_ARGS,
+        ]
+    )
     out = capsys.readouterr().out
     messages = [{"role": "user", "content": "The capital of France is"}]
     assert code == 0
@@ -41,16 +50,40 @@ def test_generate_prints_the_greedy_answer(model_dir, capsys):
 
 
 def test_generate_with_system_message(model_dir, capsys):
-    code = main(["generate", "hi", "--model", str(model_dir), "--max-tokens", "6",
-                 "--system", "Be brief.", *DEVICE_ARGS])
+    code = main(
+        [
+            "generate",
+            "hi",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "6",
+            "--system",
+            "Be brief.",
+            *DEVICE_ARGS,
+        ]
+    )
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert code == 0
     assert capsys.readouterr().out == expected_answer(model_dir, messages, 6) + "\n"
 
 
 def test_generate_raw_skips_the_template(model_dir, capsys):
-    assert main(["generate", "def add(a, b):", "--model", str(model_dir), "--raw",
-                 "--max-tokens", "5", *DEVICE_ARGS]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "def add(a, b):",
+                "--model",
+                str(model_dir),
+                "--raw",
+                "--max-tokens",
+                "5",
+                *DEVICE_ARGS,
+            ]
+        )
+        == 0
+    )
     loaded = load_model(model_dir, dtype="fp32", device=TEST_DEVICE)
     ids = loaded.tokenizer.encode("def add(a, b):", add_special_tokens=True)
     [new] = greedy_generate(loaded.model, [ids], 5, loaded.tokenizer.eos_token_ids)
@@ -76,8 +109,22 @@ def test_context_overflow_is_a_clean_error(model_dir, capsys):
 def test_python_dash_m_tokenmill_generate(model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "tokenmill", "generate", "hello", "--model", str(model_dir),
-         "--max-tokens", "4", *DEVICE_ARGS], capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "generate",
+            "hello",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "4",
+            *DEVICE_ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     messages = [{"role": "user", "content": "hello"}]

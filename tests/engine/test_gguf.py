@@ -44,9 +44,13 @@ CASES = [
 def token_fields() -> dict:
     fields = byte_level_fields(tiny_tokenizer(), "gpt2", SPECIAL_TOKENS)
     ids = {t: fields["tokenizer.ggml.tokens"].index(t) for t in SPECIAL_TOKENS}
-    fields.update({"tokenizer.ggml.bos_token_id": ids["<s>"],
-                   "tokenizer.ggml.eos_token_id": ids["<|im_end|>"],
-                   "tokenizer.chat_template": CHATML_TEMPLATE})
+    fields.update(
+        {
+            "tokenizer.ggml.bos_token_id": ids["<s>"],
+            "tokenizer.ggml.eos_token_id": ids["<|im_end|>"],
+            "tokenizer.chat_template": CHATML_TEMPLATE,
+        }
+    )
     return fields
 
 
@@ -63,8 +67,12 @@ def test_gguf_matches_safetensors(tmp_path, family, arch, quantized):
     config, weights, meta = read_gguf(path)
     hf_config, hf_weights = read_hf_config(model_dir), read_hf_weights(model_dir)
 
-    expected_config = replace(hf_config, architecture=arch, eos_token_ids=config.eos_token_ids,
-                              max_position_embeddings=hf_config.max_position_embeddings)
+    expected_config = replace(
+        hf_config,
+        architecture=arch,
+        eos_token_ids=config.eos_token_ids,
+        max_position_embeddings=hf_config.max_position_embeddings,
+    )
     assert config == expected_config
     assert meta.architecture == arch
     assert set(weights) == set(hf_weights)
@@ -82,8 +90,9 @@ def test_gguf_matches_safetensors(tmp_path, family, arch, quantized):
     round_tripped = {k: torch.from_numpy(v) for k, v in written.items()}
     hf_model = build_model(hf_config, round_tripped)
     prompts = [tiny_tokenizer().encode(t).ids for t in TEXTS]
-    for ours, theirs in zip(reference_logits(gguf_model, prompts),
-                            reference_logits(hf_model, prompts), strict=True):
+    for ours, theirs in zip(
+        reference_logits(gguf_model, prompts), reference_logits(hf_model, prompts), strict=True
+    ):
         torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
 
 
@@ -161,6 +170,8 @@ def test_qk_rows_not_divisible_by_heads_is_named(tmp_path):
     fields = {**meta.fields, "llama.attention.head_count": 5}  # 64 q rows cannot be 5 heads
     with pytest.raises(ModelLoadError, match=r"smollm2\.gguf: blk\.0\.attn_q\.weight has 64 rows"):
         gguf_loader._to_hf_layout(
-            "blk.0.attn_q.weight", np.zeros((64, 64), np.float32),
-            replace(read_gguf(path)[0], num_heads=5), replace(meta, fields=fields),
+            "blk.0.attn_q.weight",
+            np.zeros((64, 64), np.float32),
+            replace(read_gguf(path)[0], num_heads=5),
+            replace(meta, fields=fields),
         )

@@ -269,8 +269,9 @@ def test_queue_time_is_add_to_first_scheduled_on_the_first_output_only():
     from tokenmill.engine.builder import build_mock_core
 
     clock = FakeClock()
-    core = build_mock_core(CacheConfig(16, 16), SchedulerConfig(max_num_seqs=1, max_model_len=64),
-                           clock=clock)  # fmt: skip
+    core = build_mock_core(
+        CacheConfig(16, 16), SchedulerConfig(max_num_seqs=1, max_model_len=64), clock=clock
+    )
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     for rid in ("a", "b"):
         core.add_request(EngineRequest(request_id=rid, prompt_token_ids=[1, 2, 3], params=params))

@@ -80,8 +80,10 @@ def test_missing_required_field(model_dir):
 
 def test_unsupported_architecture(model_dir):
     path = _edit_config(model_dir, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    expected = (f"{path}: unsupported architecture GPT2LMHeadModel (supported: LlamaForCausalLM, "
-                f"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
+    expected = (
+        f"{path}: unsupported architecture GPT2LMHeadModel (supported: LlamaForCausalLM, "
+        f"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+    )
     with _raises(expected):
         read_hf_config(model_dir)
     with _raises("unsupported model architecture 'gpt2' (supported: llama, mistral, qwen2, qwen3)"):
@@ -97,14 +99,21 @@ def test_model_type_fallback_without_architectures(model_dir):
     "changes",
     [
         dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=32),
-        dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=32,
-             use_sliding_window=True, layer_types=["full_attention", "sliding_attention"]),
+        dict(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            sliding_window=32,
+            use_sliding_window=True,
+            layer_types=["full_attention", "sliding_attention"],
+        ),
     ],
 )
 def test_sliding_window_in_effect_is_refused(model_dir, changes):
     path = _edit_config(model_dir, **changes)
-    with _raises(f"{path}: sliding window attention is not supported yet (sliding_window=32 < "
-                 f"max_position_embeddings=256)"):
+    with _raises(
+        f"{path}: sliding window attention is not supported yet (sliding_window=32 < "
+        f"max_position_embeddings=256)"
+    ):
         read_hf_config(model_dir)
 
 
@@ -114,8 +123,12 @@ def test_sliding_window_in_effect_is_refused(model_dir, changes):
         dict(architectures=["MistralForCausalLM"], sliding_window=4096),  # window >= context
         dict(architectures=["MistralForCausalLM"], sliding_window=None),
         dict(architectures=["Qwen2ForCausalLM"], sliding_window=32, use_sliding_window=False),
-        dict(architectures=["Qwen3ForCausalLM"], sliding_window=32, use_sliding_window=True,
-             layer_types=["full_attention", "full_attention"]),
+        dict(
+            architectures=["Qwen3ForCausalLM"],
+            sliding_window=32,
+            use_sliding_window=True,
+            layer_types=["full_attention", "full_attention"],
+        ),
     ],
 )
 def test_sliding_window_not_in_effect_is_accepted(model_dir, changes):
@@ -126,15 +139,22 @@ def test_sliding_window_not_in_effect_is_accepted(model_dir, changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (dict(rope_scaling={"type": "yarn", "factor": 4.0}),
-         "rope scaling type 'yarn' is not supported (supported: default, llama3)"),
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-         "llama3 rope scaling is missing low_freq_factor, high_freq_factor, "
-         "original_max_position_embeddings"),
+        (
+            dict(rope_scaling={"type": "yarn", "factor": 4.0}),
+            "rope scaling type 'yarn' is not supported (supported: default, llama3)",
+        ),
+        (
+            dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            "llama3 rope scaling is missing low_freq_factor, high_freq_factor, "
+            "original_max_position_embeddings",
+        ),
         (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
         (dict(mlp_bias=True), "mlp_bias=true is not supported"),
         (dict(attention_bias=True), "attention_bias=true"),
-        (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+        (
+            dict(num_key_value_heads=3),
+            "num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+        ),
     ],
 )
 def test_unsupported_config_features(model_dir, changes, message):
@@ -173,8 +193,10 @@ def test_corrupt_index(sharded_dir):
     raw = json.loads(index.read_text())
     raw["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(iter(raw["weight_map"].values()))
     index.write_text(json.dumps(raw))
-    with _raises("tensor model.layers.9.mlp.up_proj.weight listed in model.safetensors.index.json "
-                 "is not in the file"):
+    with _raises(
+        "tensor model.layers.9.mlp.up_proj.weight listed in model.safetensors.index.json "
+        "is not in the file"
+    ):
         read_hf_weights(sharded_dir)
     index.write_text('{"weight_map": ')
     with _raises(f"{index}: not valid JSON"):
@@ -186,8 +208,10 @@ def test_corrupt_index(sharded_dir):
 
 def test_config_weights_shape_mismatch(model_dir):
     _edit_config(model_dir, intermediate_size=96)
-    with _raises(f"{model_dir}: tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64] "
-                 f"but the config expects [96, 64]"):
+    with _raises(
+        f"{model_dir}: tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64] "
+        f"but the config expects [96, 64]"
+    ):
         load_hf_model(model_dir)
 
 
@@ -198,8 +222,10 @@ def test_missing_and_unexpected_tensors(model_dir):
     with _raises("missing tensor(s) in checkpoint: model.layers.1.self_attn.k_proj.weight"):
         build_model(config, missing)
     extra = {**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}
-    with _raises("unexpected tensor(s) in checkpoint (not used by this architecture/config): "
-                 "model.layers.0.self_attn.q_proj.bias"):
+    with _raises(
+        "unexpected tensor(s) in checkpoint (not used by this architecture/config): "
+        "model.layers.0.self_attn.q_proj.bias"
+    ):
         build_model(config, extra)
     del weights["lm_head.weight"]  # an untied config needs its output embedding
     with _raises("missing tensor(s) in checkpoint: lm_head.weight"):

@@ -43,7 +43,7 @@ def _hf_model(model_dir: Path):
 def _hf_greedy(hf_model, prompt: list[int]) -> list[int]:
     ids = torch.tensor([prompt], device=TEST_DEVICE)
     out = hf_model.generate(ids, max_new_tokens=NUM_NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize(("family", "tie"), VARIANTS)
@@ -53,7 +53,9 @@ def test_reference_matches_transformers(tmp_path, family, tie):
     hf_model = _hf_model(model_dir)
     assert config.tie_word_embeddings == hf_model.config.tie_word_embeddings
     prompts = _prompts()
-    assert sorted({len(p) for p in prompts}) == [len(p) for p in prompts]  # distinct lengths: padded
+    assert sorted({len(p) for p in prompts}) == [
+        len(p) for p in prompts
+    ]  # distinct lengths: padded
     ours = reference_logits(model, prompts)
     with torch.no_grad():
         expected = [hf_model(torch.tensor([p], device=TEST_DEVICE)).logits[0] for p in prompts]
@@ -95,8 +97,16 @@ def test_sharded_load_equals_unsharded(tmp_path):
     ("family", "expected"),
     [
         ("llama2", dict(architecture="llama", head_dim=16, rope_theta=10000.0, num_kv_heads=2)),
-        ("smollm2", dict(architecture="llama", rope_theta=100000.0, num_kv_heads=1, num_layers=3,
-                         tie_word_embeddings=True)),
+        (
+            "smollm2",
+            dict(
+                architecture="llama",
+                rope_theta=100000.0,
+                num_kv_heads=1,
+                num_layers=3,
+                tie_word_embeddings=True,
+            ),
+        ),
         ("mistral", dict(architecture="mistral", attention_bias=False, qk_norm=False)),
         ("qwen2", dict(architecture="qwen2", attention_bias=True, rope_theta=1000000.0)),
         ("qwen3", dict(architecture="qwen3", head_dim=32, qk_norm=True, attention_bias=False)),
@@ -115,9 +125,17 @@ def test_legacy_llama3_rope_scaling_and_eos_list(tmp_path):
     """Pre-transformers-5 configs: top-level rope_theta and a ``rope_scaling`` dict."""
     model_dir = make_tiny_hf_model(tmp_path, "llama2")
     raw = json.loads((model_dir / "config.json").read_text())
-    raw.update(rope_theta=500000.0, eos_token_id=[7, 3], rope_scaling={
-        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
+    raw.update(
+        rope_theta=500000.0,
+        eos_token_id=[7, 3],
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     (model_dir / "config.json").write_text(json.dumps(raw))
     (model_dir / "generation_config.json").unlink()
     config = read_hf_config(model_dir)

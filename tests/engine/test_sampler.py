@@ -63,7 +63,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_logit_bias_forces_a_token():
-    out = Sampler([EOS], TEST_DEVICE).sample(logits_of(BASE), [row(temperature=0, logit_bias={4: 100.0})])
+    out = Sampler([EOS], TEST_DEVICE).sample(
+        logits_of(BASE), [row(temperature=0, logit_bias={4: 100.0})]
+    )
     assert out.sampled == {"a": [4]}
 
 

@@ -71,7 +71,9 @@ def step_through_plans(sched: Scheduler, consumer: PlanConsumer) -> SchedulerOut
         assert consumer.tokens[rid][:end] == item.request.all_token_ids[:end]
         assert consumer.tables[rid] == sched.kv.get_block_ids(rid)
         assert consumer.params[rid] == item.request.params
-    sampled = {i.request_id: [fake_token(i.request.all_token_ids)] for i in out.scheduled if i.samples}
+    sampled = {
+        i.request_id: [fake_token(i.request.all_token_ids)] for i in out.scheduled if i.samples
+    }
     sched.update_from_output(out, sampled)
     sched.check_integrity()
     return out
@@ -97,7 +99,9 @@ def test_a_plan_survives_a_msgpack_round_trip():
 
 
 def test_a_plan_from_a_newer_version_is_refused():
-    newer = msgspec.structs.replace(make(num_blocks=4).schedule().to_plan(), version=PLAN_VERSION + 1)
+    newer = msgspec.structs.replace(
+        make(num_blocks=4).schedule().to_plan(), version=PLAN_VERSION + 1
+    )
     with pytest.raises(ValueError, match="newer"):
         decode_plan(encode_plan(newer))
 

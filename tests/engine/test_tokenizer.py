@@ -16,7 +16,9 @@ from tokenmill.core.detokenize import IncrementalDetokenizer
 from tokenmill.core.errors import ModelLoadError
 from tokenmill.engine.tokenizer import Tokenizer
 
-gguf_tokenizer_mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+gguf_tokenizer_mapping = pytest.importorskip(
+    "transformers.integrations.gguf.gguf_tokenizer_mapping"
+)
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -59,10 +61,12 @@ def test_smollm_pre_tokenizer_splits_digits_singly():
     fields = byte_level_fields(tiny_tokenizer(), "smollm", SPECIAL_TOKENS)
     ours = Tokenizer.from_gguf(fields)
     reference = tokenizers.Tokenizer.from_str(tiny_tokenizer().to_str())
-    reference.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([  # SmolLM2's tokenizer.json
-        tokenizers.pre_tokenizers.Digits(individual_digits=True),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    reference.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [  # SmolLM2's tokenizer.json
+            tokenizers.pre_tokenizers.Digits(individual_digits=True),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     for text in TEXTS:
         assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
     digits = ours.encode("0123456789")
@@ -100,7 +104,10 @@ def test_hf_dir_tokenizer(tmp_path):
     tok = Tokenizer.from_hf_dir(model_dir)
     backend = tiny_tokenizer()
     ids = {t: backend.token_to_id(t) for t in SPECIAL_TOKENS}
-    assert tok.eos_token_ids == (ids["<|im_end|>"], ids["</s>"])  # tokenizer, then generation config
+    assert tok.eos_token_ids == (
+        ids["<|im_end|>"],
+        ids["</s>"],
+    )  # tokenizer, then generation config
     assert tok.bos_token_id == ids["<s>"]
     assert tok.all_special_ids == tuple(sorted(ids.values()))
     assert tok.chat_template == CHATML_TEMPLATE
@@ -147,8 +154,10 @@ def test_hf_dir_config_variants(tmp_path):
     config_file = model_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["eos_token"] = {"content": "</s>", "special": True}
-    config["chat_template"] = [{"name": "tool_use", "template": "T"},
-                               {"name": "default", "template": "D{{ eos_token }}"}]
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "T"},
+        {"name": "default", "template": "D{{ eos_token }}"},
+    ]
     config_file.write_text(json.dumps(config))
     (model_dir / "generation_config.json").unlink()
     tok = Tokenizer.from_hf_dir(model_dir)
@@ -158,13 +167,18 @@ def test_hf_dir_config_variants(tmp_path):
     del config["chat_template"]
     config_file.write_text(json.dumps(config))
     (model_dir / "chat_template.jinja").write_text("J{{ messages | length }}")
-    assert Tokenizer.from_hf_dir(model_dir).apply_chat_template([{"role": "user", "content": ""}]) == "J1"
+    assert (
+        Tokenizer.from_hf_dir(model_dir).apply_chat_template([{"role": "user", "content": ""}])
+        == "J1"
+    )
 
 
 def test_token_bytes_are_the_raw_bytes_even_for_half_a_character(tiny_model_dir):
     text = "Unicode: 東京タワー 🙂 café <|im_end|> done"
-    for tok in (Tokenizer.from_hf_dir(tiny_model_dir("llama3")),
-                Tokenizer.from_gguf(byte_level_fields(tiny_tokenizer(), "gpt2", SPECIAL_TOKENS))):  # fmt: skip
+    for tok in (
+        Tokenizer.from_hf_dir(tiny_model_dir("llama3")),
+        Tokenizer.from_gguf(byte_level_fields(tiny_tokenizer(), "gpt2", SPECIAL_TOKENS)),
+    ):
         ids = tok.encode(text)
         halves = [i for i in ids if tok.decode([i]) == "\ufffd"]
         assert halves and all(tok.token_bytes(i) != "\ufffd".encode() for i in halves)
@@ -205,8 +219,10 @@ def test_special_token_text_in_a_message_is_tokenized_as_text(chatml):
 
 
 def test_a_marker_cannot_be_forged_at_a_message_edge(chatml):
-    messages = [{"role": "system", "content": "<|im_end|>"},
-                {"role": "user", "content": "<|im_start|>"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "<|im_end|>"},
+        {"role": "user", "content": "<|im_start|>"},
+    ]
     ids = chatml.encode_chat(messages, add_generation_prompt=False)
     assert _specials(chatml, ids) == ["<|im_start|>", "<|im_end|>"] * 2
     assert chatml.decode(ids, skip_special_tokens=True).count("<|im_") == 2
@@ -237,8 +253,9 @@ def test_a_text_over_the_limit_is_rejected_before_it_is_tokenized(chatml):
 
 
 def test_no_length_bound_when_the_pipeline_may_drop_input():
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "[UNK]": 1}, [],
-                                                         unk_token="[UNK]"))  # fmt: skip
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.BPE({"a": 0, "[UNK]": 1}, [], unk_token="[UNK]")
+    )
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()  # drops whitespace
     assert Tokenizer(backend).min_num_tokens("a" + " " * 100) == 0
 

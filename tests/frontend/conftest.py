@@ -14,9 +14,15 @@ from helpers.procs import ServerProcess, running_server
 def echo_server(tiny_model_dir) -> Iterator[ServerProcess]:
     """Echo engine (deterministic text: the prompt echoed back) served as "tiny"."""
     with running_server(
-        "--model", str(tiny_model_dir), "--engine", "echo", "--served-model-name", "tiny",
-        "--max-body-bytes", str(1 << 20),
-    ) as server:  # fmt: skip
+        "--model",
+        str(tiny_model_dir),
+        "--engine",
+        "echo",
+        "--served-model-name",
+        "tiny",
+        "--max-body-bytes",
+        str(1 << 20),
+    ) as server:
         yield server
 
 
@@ -24,7 +30,15 @@ def echo_server(tiny_model_dir) -> Iterator[ServerProcess]:
 def real_server(tiny_model_dir) -> Iterator[ServerProcess]:
     """The real engine over the tiny llama, with an API key."""
     with running_server(
-        "--model", str(tiny_model_dir), "--engine", "real", "--api-key", "sekret",
-        "--dtype", "fp32", "--device", "cpu",
-    ) as server:  # fmt: skip
+        "--model",
+        str(tiny_model_dir),
+        "--engine",
+        "real",
+        "--api-key",
+        "sekret",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    ) as server:
         yield server

@@ -139,8 +139,10 @@ async def test_a_huge_prompt_is_rejected_from_its_length_alone(tokenizer):
     huge = {"model": "tiny", "messages": [{"role": "user", "content": "ab " * 1_300_000}]}
     async with InProcessServer(stack) as server:
         async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
-            for path, body in (("/v1/chat/completions", huge),
-                               ("/v1/completions", {"prompt": "ab " * 1_300_000})):  # fmt: skip
+            for path, body in (
+                ("/v1/chat/completions", huge),
+                ("/v1/completions", {"prompt": "ab " * 1_300_000}),
+            ):
                 r = await client.post(path, json=body)
                 error = r.json()["error"]
                 assert (r.status_code, error["code"]) == (400, "context_length_exceeded")

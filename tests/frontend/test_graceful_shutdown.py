@@ -23,9 +23,15 @@ def stream_lines(url: str, max_tokens: int, started: threading.Event, out: list[
 
 def test_sigterm_finishes_short_streams_aborts_long_ones_and_exits_0(tiny_model_dir):
     with running_server(
-        "--model", str(tiny_model_dir), "--engine", "echo", "--echo-delay", "0.02",
-        "--shutdown-timeout", "1.5",
-    ) as server:  # fmt: skip
+        "--model",
+        str(tiny_model_dir),
+        "--engine",
+        "echo",
+        "--echo-delay",
+        "0.02",
+        "--shutdown-timeout",
+        "1.5",
+    ) as server:
         short, long = [], []
         events = [threading.Event(), threading.Event()]
         threads = [

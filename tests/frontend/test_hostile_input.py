@@ -34,7 +34,14 @@ CASES = [
     ("bad json", CHAT, b'{"messages": [', 400, None, None),
     ("not an object", CHAT, b"[1, 2]", 400, None, None),
     ("empty body", CHAT, b"", 400, None, None),
-    ("invalid utf-8", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
+    (
+        "invalid utf-8",
+        CHAT,
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        400,
+        None,
+        None,
+    ),
     ("max_tokens string", CHAT, chat(max_tokens="x"), 400, "max_tokens", None),
     ("messages string", CHAT, chat(messages="hi"), 400, "messages", None),
     ("temperature string", CHAT, chat(temperature="hot"), 400, "temperature", None),
@@ -42,26 +49,75 @@ CASES = [
     ("negative max_tokens", CHAT, chat(max_tokens=-5), 400, "max_tokens", None),
     ("zero max_tokens", COMP, comp(max_tokens=0), 400, "max_tokens", None),
     ("huge max_tokens", CHAT, chat(max_tokens=10**12), 400, "messages", "context_length_exceeded"),
-    ("overflowing max_tokens", COMP, comp(max_tokens=2**80), 400, "prompt", "context_length_exceeded"),
+    (
+        "overflowing max_tokens",
+        COMP,
+        comp(max_tokens=2**80),
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
     ("n 10000", CHAT, chat(n=10000), 400, "n", None),
     ("n 0", COMP, comp(n=0), 400, "n", None),
     ("empty messages", CHAT, chat(messages=[]), 400, "messages", None),
-    ("bad role", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
-    ("image part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "messages[0].content", None),
+    (
+        "bad role",
+        CHAT,
+        chat(messages=[{"role": "tool", "content": "x"}]),
+        400,
+        "messages[0].role",
+        None,
+    ),
+    (
+        "image part",
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+        400,
+        "messages[0].content",
+        None,
+    ),
     ("tools", CHAT, chat(tools=[{"type": "function"}]), 400, "tools", None),
     ("tool_choice auto", CHAT, chat(tool_choice="auto"), 400, "tool_choice", None),
-    ("response_format", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", None),
+    (
+        "response_format",
+        CHAT,
+        chat(response_format={"type": "json_object"}),
+        400,
+        "response_format",
+        None,
+    ),
     # what SDKs send as defaults: no-ops, accepted
     ("no tools", CHAT, chat(tools=[]), 200, None, None),
     ("tool_choice none", CHAT, chat(tool_choice="none"), 200, None, None),
     ("text response_format", CHAT, chat(response_format={"type": "text"}), 200, None, None),
-    ("all three defaults", CHAT, chat(tools=[], tool_choice="none", response_format={"type": "text"}), 200, None, None),
-    ("prompt beyond context", COMP, comp(prompt="word " * 400), 400, "prompt", "context_length_exceeded"),
+    (
+        "all three defaults",
+        CHAT,
+        chat(tools=[], tool_choice="none", response_format={"type": "text"}),
+        200,
+        None,
+        None,
+    ),
+    (
+        "prompt beyond context",
+        COMP,
+        comp(prompt="word " * 400),
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
     ("token id too big", COMP, comp(prompt=[1, 2, 10**6]), 400, "prompt", None),
     ("negative token id", COMP, comp(prompt=[-1]), 400, "prompt", None),
     ("bool token id", COMP, comp(prompt=[1, True]), 400, "prompt", None),
     ("float token id", COMP, comp(prompt=[1, 2.0]), 400, "prompt", None),
-    ("token id too big in a list of lists", COMP, comp(prompt=[[1], [2, 10**6]]), 400, "prompt", None),
+    (
+        "token id too big in a list of lists",
+        COMP,
+        comp(prompt=[[1], [2, 10**6]]),
+        400,
+        "prompt",
+        None,
+    ),
     ("empty prompt list", COMP, comp(prompt=[]), 400, "prompt", None),
     ("mixed prompt list", COMP, comp(prompt=["a", 1]), 400, "prompt", None),
     ("prompt object", COMP, comp(prompt={"hello world": 1, "x": 2}), 400, "prompt", None),
@@ -72,18 +128,46 @@ CASES = [
     ("largest seed, two choices", COMP, comp(seed=2**64 - 1, n=2), 400, "seed", None),
     ("temperature out of range", COMP, comp(temperature=-1), 400, "temperature", None),
     ("top_p zero", COMP, comp(top_p=0), 400, "top_p", None),
-    ("too many top_logprobs", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
-    ("negative top_logprobs", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs", None),
+    (
+        "too many top_logprobs",
+        CHAT,
+        chat(logprobs=True, top_logprobs=21),
+        400,
+        "top_logprobs",
+        None,
+    ),
+    (
+        "negative top_logprobs",
+        CHAT,
+        chat(logprobs=True, top_logprobs=-1),
+        400,
+        "top_logprobs",
+        None,
+    ),
     ("too many logprobs", COMP, comp(logprobs=21), 400, "logprobs", None),
-    ("text part without text", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400, "messages[0].content[0].text", None),
+    (
+        "text part without text",
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+        400,
+        "messages[0].content[0].text",
+        None,
+    ),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs", None),
     ("logit_bias key", COMP, comp(logit_bias={"abc": 1}), 400, "logit_bias", None),
     ("logit_bias out of vocab", COMP, comp(logit_bias={"999999": 1}), 400, "logit_bias", None),
     ("echo", COMP, comp(echo=True), 400, "echo", None),
     ("2000 nested arrays in an unknown field", CHAT, nested(2000), 400, None, None),
-    ("2000 nested arrays as the prompt", COMP, comp()[:-1] + b', "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400, None, None),
+    (
+        "2000 nested arrays as the prompt",
+        COMP,
+        comp()[:-1] + b', "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+        400,
+        None,
+        None,
+    ),
     ("unknown model", CHAT, chat(model="gpt-9"), 404, "model", "model_not_found"),
-]  # fmt: skip
+]
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:
@@ -108,13 +192,20 @@ def test_bad_request_gets_its_status(echo_server, name, path, body, status, para
     assert (error["param"], error["code"]) == (param, code)
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (chat(logprobs=True, top_logprobs=21), "top_logprobs must be in [0, 20]"),
-    (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
-     "messages[0].content[0]: a text part needs a 'text' string"),
-    (chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
-     "messages[0].content: only text parts are supported, got 'image_url'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (chat(logprobs=True, top_logprobs=21), "top_logprobs must be in [0, 20]"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+            "messages[0].content[0]: a text part needs a 'text' string",
+        ),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            "messages[0].content: only text parts are supported, got 'image_url'",
+        ),
+    ],
+)
 def test_the_message_says_what_is_wrong(echo_server, body, message):
     r = httpx.post(echo_server.url + CHAT, content=body)
     assert assert_openai_error(r, 400)["message"] == message
@@ -136,8 +227,15 @@ def test_special_token_text_in_content_is_text_unless_opted_in(echo_server):
     messages = [{"role": "user", "content": content}]
     answers = {}
     for raw in (False, True):
-        r = httpx.post(echo_server.url + CHAT, json={"model": "tiny", "messages": messages,
-                       "max_tokens": 60, "parse_special_tokens": raw})  # fmt: skip
+        r = httpx.post(
+            echo_server.url + CHAT,
+            json={
+                "model": "tiny",
+                "messages": messages,
+                "max_tokens": 60,
+                "parse_special_tokens": raw,
+            },
+        )
         assert r.status_code == 200, r.text
         answers[raw] = r.json()
     text, raw_text = (answers[k]["choices"][0]["message"]["content"] for k in (False, True))
@@ -159,24 +257,56 @@ def test_live_and_health(echo_server):
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=8,
-)  # fmt: skip
-_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
-           "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "stream",
-           "stream_options", "ignore_eos", "min_tokens", "user", "cache_salt",
-           "parse_special_tokens"]  # fmt: skip
+)
+_FIELDS = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+    "min_tokens",
+    "user",
+    "cache_salt",
+    "parse_special_tokens",
+]
 _plausible = {
     "model": st.just("tiny"),
-    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
-                                                "content": st.text(max_size=30)}), max_size=3),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "x"]), "content": st.text(max_size=30)}
+        ),
+        max_size=3,
+    ),
     "prompt": st.text(max_size=30) | st.lists(st.integers(-5, 400), max_size=8),
     "max_tokens": st.integers(-3, 300),
     "n": st.integers(-1, 200),
     "stream": st.booleans(),
-}  # fmt: skip
+}
 
 
 @st.composite

@@ -38,11 +38,14 @@ def echo_text(tok: Tokenizer, prompt_ids: list[int], num_tokens: int) -> str:
 
 def chat_prompt_ids(tok: Tokenizer, messages) -> list[int]:
     flat = [
-        {"role": "system" if m["role"] == "developer" else m["role"],
-         "content": m["content"] if isinstance(m["content"], str)
-         else "\n".join(p["text"] for p in m["content"])}
+        {
+            "role": "system" if m["role"] == "developer" else m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "\n".join(p["text"] for p in m["content"]),
+        }
         for m in messages
-    ]  # fmt: skip
+    ]
     return tok.encode(tok.apply_chat_template(flat), add_special_tokens=False)
 
 
@@ -60,9 +63,12 @@ def test_chat_non_streaming_shape_and_text(client, tokenizer):
 
 def test_chat_streaming_matches_non_streaming(client, tokenizer):
     stream = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=6, stream=True,
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=6,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     prompt = chat_prompt_ids(tokenizer, MESSAGES)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -90,8 +96,11 @@ def test_chat_n_streaming_has_every_choice(client):
     stream = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=4, n=3, stream=True
     )
-    finished = {c.choices[0].index: c.choices[0].finish_reason for c in stream
-                if c.choices and c.choices[0].finish_reason}  # fmt: skip
+    finished = {
+        c.choices[0].index: c.choices[0].finish_reason
+        for c in stream
+        if c.choices and c.choices[0].finish_reason
+    }
     assert finished == {0: "length", 1: "length", 2: "length"}
 
 
@@ -160,8 +169,9 @@ def test_models_retrieve(client):
 def test_logprob_bytes_are_the_tokens_raw_bytes(client, tokenizer):
     messages = [{"role": "user", "content": "東京タワー"}]
     prompt = chat_prompt_ids(tokenizer, messages)
-    resp = client.chat.completions.create(model="tiny", messages=messages, logprobs=True,
-                                          top_logprobs=1, max_tokens=len(prompt))  # fmt: skip
+    resp = client.chat.completions.create(
+        model="tiny", messages=messages, logprobs=True, top_logprobs=1, max_tokens=len(prompt)
+    )
     content = resp.choices[0].logprobs.content
     halves = [t for t in content if t.token == "\ufffd"]  # a token that is part of a character
     assert halves and all(t.bytes != list("\ufffd".encode()) for t in halves)
@@ -175,16 +185,24 @@ def test_logprob_bytes_are_the_tokens_raw_bytes(client, tokenizer):
 def test_metrics_move_after_traffic(echo_server, client):
     def sample(name: str) -> float:
         text = httpx.get(echo_server.base + "/metrics").text
-        line = next((ln for ln in text.splitlines() if ln.startswith(name + " ") or
-                     ln.startswith(name + "{")), None)  # fmt: skip
+        line = next(
+            (
+                ln
+                for ln in text.splitlines()
+                if ln.startswith(name + " ") or ln.startswith(name + "{")
+            ),
+            None,
+        )
         return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
-    names = ['tokenmill_requests_total{endpoint="completions",model="tiny",status="200"}',
-             'tokenmill_generation_tokens_total{model="tiny"}',
-             'tokenmill_request_finish_total{finish_reason="length",model="tiny"}',
-             'tokenmill_request_prompt_tokens_count{model="tiny"}',
-             'tokenmill_request_generation_tokens_sum{model="tiny"}',
-             'tokenmill_request_generation_tokens_bucket{model="tiny",le="10.0"}']  # fmt: skip
+    names = [
+        'tokenmill_requests_total{endpoint="completions",model="tiny",status="200"}',
+        'tokenmill_generation_tokens_total{model="tiny"}',
+        'tokenmill_request_finish_total{finish_reason="length",model="tiny"}',
+        'tokenmill_request_prompt_tokens_count{model="tiny"}',
+        'tokenmill_request_generation_tokens_sum{model="tiny"}',
+        'tokenmill_request_generation_tokens_bucket{model="tiny",le="10.0"}',
+    ]
     before = [sample(name) for name in names]
     client.completions.create(model="tiny", prompt="metrics", max_tokens=7, n=2)
     after = [sample(name) for name in names]
@@ -210,8 +228,11 @@ def test_real_engine_greedy_stream_equals_whole_and_caches(real_server):
     client = openai.OpenAI(base_url=real_server.url, api_key="sekret", max_retries=0)
     kwargs = dict(model="llama3", messages=MESSAGES, max_tokens=8, temperature=0)
     whole = client.chat.completions.create(**kwargs)
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat.completions.create(stream=True, **kwargs) if c.choices)  # fmt: skip
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **kwargs)
+        if c.choices
+    )
     assert streamed == whole.choices[0].message.content
     assert whole.usage.completion_tokens == 8
     again = client.chat.completions.create(**kwargs)
@@ -224,8 +245,9 @@ def test_real_engine_greedy_stream_equals_whole_and_caches(real_server):
 def test_real_engine_rejects_a_seed_its_generator_cannot_take(real_server):
     client = openai.OpenAI(base_url=real_server.url, api_key="sekret", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="llama3", prompt="hi", max_tokens=2,
-                                  seed=1208925819614629174706176)  # fmt: skip
+        client.completions.create(
+            model="llama3", prompt="hi", max_tokens=2, seed=1208925819614629174706176
+        )
     assert e.value.body["param"] == "seed"
     ok = client.completions.create(model="llama3", prompt="hi", max_tokens=2, seed=2**64 - 1)
     assert ok.choices[0].finish_reason == "length"

@@ -10,9 +10,15 @@ from tokenmill.frontend.schemas import ChatCompletionRequest, CompletionRequest,
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
-    [('"hello"', True), (' [ "a", "b"]', True), ("[1, 2, 3]", False), ("[[1], [2, 3]]", False),
-     ("7", False), ("null", False)],
-)  # fmt: skip
+    [
+        ('"hello"', True),
+        (' [ "a", "b"]', True),
+        ("[1, 2, 3]", False),
+        ("[[1], [2, 3]]", False),
+        ("7", False),
+        ("null", False),
+    ],
+)
 def test_only_text_prompts_need_the_tokenizer(prompt, expected):
     body = f'{{"model": "m", "prompt": {prompt}}}'.encode()
     assert needs_tokenizer(decode_request(body, CompletionRequest)) is expected

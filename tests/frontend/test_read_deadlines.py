@@ -62,8 +62,11 @@ async def answer_to(port: int, sent: bytes) -> tuple[int, dict, bytes]:
     return int(head.split()[1]), body["error"], after
 
 
-@pytest.mark.parametrize("sent", [b"", b"POST /v1/compl", HEAD + b"content-len"],
-                         ids=["nothing", "half a request line", "half a header"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/compl", HEAD + b"content-len"],
+    ids=["nothing", "half a request line", "half a header"],
+)
 async def test_unfinished_headers_get_408_and_close(tiny_model_dir, sent):
     async with serving(tiny_model_dir) as port:
         status, error, after = await answer_to(port, sent)

@@ -96,8 +96,16 @@ async def test_abandoned_stream_is_logged_as_client_disconnected(tokenizer, tmp_
 
 def test_serve_flag_writes_the_log(tiny_model_dir, tmp_path):
     path = tmp_path / "serve.jsonl"
-    args = ("--model", str(tiny_model_dir), "--engine", "echo", "--served-model-name", "tiny",
-            "--request-log", str(path))  # fmt: skip
+    args = (
+        "--model",
+        str(tiny_model_dir),
+        "--engine",
+        "echo",
+        "--served-model-name",
+        "tiny",
+        "--request-log",
+        str(path),
+    )
     with running_server(*args) as server:
         reply = httpx.post(server.url + "/completions", json=BODY, timeout=30)
         assert reply.status_code == 200

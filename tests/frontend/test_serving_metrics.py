@@ -23,8 +23,9 @@ from tokenmill.runtime.wire import WorkerLoad
 from tokenmill.worker.echo_engine import EchoConfig, EchoEngine
 from tokenmill.worker.protocol import load_from_stats
 
-POOL = EngineSettings(block_size=16, num_blocks=32, max_num_batched_tokens=8192,
-                      max_num_seqs=256, watermark=0.0)  # 512 tokens of KV  # fmt: skip
+POOL = EngineSettings(
+    block_size=16, num_blocks=32, max_num_batched_tokens=8192, max_num_seqs=256, watermark=0.0
+)  # 512 tokens of KV
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ async def test_queue_time_includes_the_wait_for_kv_blocks(tiny_model_dir):
     engine, stack = await mocker_stack(tiny_model_dir)
     async with InProcessServer(stack) as server:
         async with httpx.AsyncClient(base_url=server.base, timeout=60) as client:
-            rs = await asyncio.gather(*(client.post("/v1/completions", json=long_request(i))
-                                        for i in range(4)))  # fmt: skip
+            rs = await asyncio.gather(
+                *(client.post("/v1/completions", json=long_request(i)) for i in range(4))
+            )
         assert [r.status_code for r in rs] == [200] * 4
         metrics: FrontendMetrics = stack.app.front.metrics
         queue, ttft = metrics.queue_time.labels("tiny"), metrics.ttft.labels("tiny")
@@ -112,12 +114,15 @@ async def test_unprotected_metrics_are_open_even_with_a_key(tokenizer):
             assert (await client.get("/v1/models")).status_code == 401
 
 
-@pytest.mark.parametrize(("default", "asked", "expected"), [
-    (3, None, 3),  # capped
-    (3, 5, 5),  # the client's own max_tokens wins
-    (None, None, None),  # the rest of the context (256 - prompt)
-    (10_000, None, None),  # a cap beyond the context: the rest of the context
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("default", "asked", "expected"),
+    [
+        (3, None, 3),  # capped
+        (3, 5, 5),  # the client's own max_tokens wins
+        (None, None, None),  # the rest of the context (256 - prompt)
+        (10_000, None, None),  # a cap beyond the context: the rest of the context
+    ],
+)
 async def test_max_tokens_default_caps_chat_without_max_tokens(tokenizer, default, asked, expected):
     stack = await echo_stack(tokenizer, max_tokens_default=default)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}

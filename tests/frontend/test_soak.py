@@ -34,8 +34,12 @@ def mocker_spec(model_dir, speedup: float) -> EngineSpec:
 
 
 async def stream_and_cancel(session, url: str, i: int, rng: random.Random) -> None:
-    body = {"prompt": f"request {i} " + "word " * rng.randint(1, 60), "max_tokens": 64,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "prompt": f"request {i} " + "word " * rng.randint(1, 60),
+        "max_tokens": 64,
+        "stream": True,
+        "ignore_eos": True,
+    }
     stop_after = rng.randint(0, 70)  # > 64 chunks: runs to the end
     async with session.post(url, json=body) as r:
         seen = 0
@@ -91,8 +95,12 @@ def test_ten_thousand_requests_at_concurrency_256_have_no_errors(tiny_model_dir)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(300)) as s:
 
             async def one(i: int) -> None:
-                body = {"prompt": f"soak {i} " + "tok " * (i % 50), "max_tokens": 16,
-                        "stream": i % 2 == 0, "ignore_eos": True}  # fmt: skip
+                body = {
+                    "prompt": f"soak {i} " + "tok " * (i % 50),
+                    "max_tokens": 16,
+                    "stream": i % 2 == 0,
+                    "ignore_eos": True,
+                }
                 async with sem:
                     try:
                         async with s.post(url, json=body) as r:
@@ -107,6 +115,6 @@ def test_ten_thousand_requests_at_concurrency_256_have_no_errors(tiny_model_dir)
 
     with running_server(
         "--model", str(tiny_model_dir), "--engine", "mocker", "--mocker-speedup", "100"
-    ) as server:  # fmt: skip
+    ) as server:
         errors = asyncio.run(run(server.url + "/completions"))
     assert errors == []

@@ -62,13 +62,15 @@ class _Batches:
 
 
 def out(*ids: int, finish: FinishReason | None = None, num: int = 0) -> RequestOutput:
-    return RequestOutput(request_id="r", new_token_ids=list(ids), finish_reason=finish,
-                         num_output_tokens=num)  # fmt: skip
+    return RequestOutput(
+        request_id="r", new_token_ids=list(ids), finish_reason=finish, num_output_tokens=num
+    )
 
 
 def choice(ctx: ServeContext, stream: _Batches, index: int = 0, stop: tuple[str, ...] = ()):
-    request = EngineRequest(request_id=f"r-{index}", prompt_token_ids=[1, 2],
-                            params=SamplingParams(stop=stop))  # fmt: skip
+    request = EngineRequest(
+        request_id=f"r-{index}", prompt_token_ids=[1, 2], params=SamplingParams(stop=stop)
+    )
     return ChoiceStream(ctx, index, request, stream, arrival=0.0)  # type: ignore[arg-type]
 
 
@@ -120,8 +122,10 @@ async def test_an_engine_error_is_raised_after_the_events_before_it(ctx):
 
 async def test_merged_choices_return_every_ready_event_and_end_together(ctx):
     done = FinishReason.LENGTH
-    streams = [_Batches([out(0), out(1)], [out(2, finish=done)]),
-               _Batches([out(3)], [out(4, finish=done)])]  # fmt: skip
+    streams = [
+        _Batches([out(0), out(1)], [out(2, finish=done)]),
+        _Batches([out(3)], [out(4, finish=done)]),
+    ]
     merged = MergedStream([choice(ctx, s, i) for i, s in enumerate(streams)])
     batches = []
     with pytest.raises(StopAsyncIteration):
@@ -148,21 +152,45 @@ def _reference_chunk(meta: ResponseMeta, event: ChoiceEvent, first: bool, usage:
     if meta.chat:
         delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
         if event.logprobs:
-            lp = {"content": [{"token": chr(97 + t.token_id), "logprob": t.logprob,
-                               "bytes": [97 + t.token_id], "top_logprobs": []}
-                              for t in event.logprobs]}  # fmt: skip
-        body = {"index": event.index, "delta": delta, "logprobs": lp,
-                "finish_reason": event.finish_reason}  # fmt: skip
+            lp = {
+                "content": [
+                    {
+                        "token": chr(97 + t.token_id),
+                        "logprob": t.logprob,
+                        "bytes": [97 + t.token_id],
+                        "top_logprobs": [],
+                    }
+                    for t in event.logprobs
+                ]
+            }
+        body = {
+            "index": event.index,
+            "delta": delta,
+            "logprobs": lp,
+            "finish_reason": event.finish_reason,
+        }
     else:
         if event.logprobs:
-            lp = {"tokens": [chr(97 + t.token_id) for t in event.logprobs],
-                  "token_logprobs": [t.logprob for t in event.logprobs],
-                  "top_logprobs": [{} for _ in event.logprobs], "text_offset": [0]}  # fmt: skip
-        body = {"index": event.index, "text": event.text, "logprobs": lp,
-                "finish_reason": event.finish_reason}  # fmt: skip
+            lp = {
+                "tokens": [chr(97 + t.token_id) for t in event.logprobs],
+                "token_logprobs": [t.logprob for t in event.logprobs],
+                "top_logprobs": [{} for _ in event.logprobs],
+                "text_offset": [0],
+            }
+        body = {
+            "index": event.index,
+            "text": event.text,
+            "logprobs": lp,
+            "finish_reason": event.finish_reason,
+        }
     obj = "chat.completion.chunk" if meta.chat else "text_completion"
-    chunk = {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model,
-             "choices": [body]}  # fmt: skip
+    chunk = {
+        "id": meta.id,
+        "object": obj,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [body],
+    }
     if usage:
         chunk["usage"] = None
     return sse(chunk)
@@ -173,11 +201,15 @@ def _reference_chunk(meta: ResponseMeta, event: ChoiceEvent, first: bool, usage:
 def test_chunks_are_the_openai_objects_byte_for_byte(chat, include_usage):
     meta = ResponseMeta('id-"1"', "m\u00e9", chat, created=7)
     fmt = StreamFormatter(meta, lambda t: chr(97 + t), include_usage)
-    events = [ChoiceEvent(0, 'he said "hi"\n'), ChoiceEvent(1, "\u00e9t\u00e9"),
-              ChoiceEvent(0, "x", [TokenLogprob(1, -0.5, [])]),
-              ChoiceEvent(1, "", None, "stop")]  # fmt: skip
-    expected = b"".join(_reference_chunk(meta, e, i < 2, include_usage)
-                        for i, e in enumerate(events))  # fmt: skip
+    events = [
+        ChoiceEvent(0, 'he said "hi"\n'),
+        ChoiceEvent(1, "\u00e9t\u00e9"),
+        ChoiceEvent(0, "x", [TokenLogprob(1, -0.5, [])]),
+        ChoiceEvent(1, "", None, "stop"),
+    ]
+    expected = b"".join(
+        _reference_chunk(meta, e, i < 2, include_usage) for i, e in enumerate(events)
+    )
     assert fmt.chunks(events) == expected
     if include_usage:
         usage = msgspec.json.decode(fmt.usage_chunk(Usage(1, 3))[6:])
@@ -209,7 +241,9 @@ async def test_sse_headers_go_with_the_first_frames_and_done_ends_the_body():
     assert [m["more_body"] for m in sent[1:]] == [True, False]
     sent = await _send_all(_frames(b"data: 1\n\n"))  # no [DONE]: an empty message ends it
     assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [
-        (b"data: 1\n\n", True), (b"", False)]  # fmt: skip
+        (b"data: 1\n\n", True),
+        (b"", False),
+    ]
 
 
 def test_fast_histogram_renders_as_prometheus_client_histogram():

@@ -99,7 +99,8 @@ def sentencepiece_fields(corpus: list[str], with_merges: bool) -> dict[str, Any]
     fields = {
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": [0.0] * len(head) + [-float(i) for i in range(len(tokens) - len(head))],
+        "tokenizer.ggml.scores": [0.0] * len(head)
+        + [-float(i) for i in range(len(tokens) - len(head))],
         "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - len(head)),
         "tokenizer.ggml.unknown_token_id": 0,
         "tokenizer.ggml.bos_token_id": 1,
@@ -113,12 +114,22 @@ def sentencepiece_fields(corpus: list[str], with_merges: bool) -> dict[str, Any]
 
 def transformers_tokenizer_dict(fields: dict[str, Any]) -> dict[str, Any]:
     """The same metadata under the names transformers' GGUF converter expects."""
-    renames = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens",
-               "scores": "scores", "token_type": "token_type", "merges": "merges",
-               "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-               "unknown_token_id": "unk_token_id"}
-    return {new: fields[f"tokenizer.ggml.{old}"] for old, new in renames.items()
-            if f"tokenizer.ggml.{old}" in fields}
+    renames = {
+        "model": "tokenizer_type",
+        "pre": "pre_tokenizer_type",
+        "tokens": "tokens",
+        "scores": "scores",
+        "token_type": "token_type",
+        "merges": "merges",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "unknown_token_id": "unk_token_id",
+    }
+    return {
+        new: fields[f"tokenizer.ggml.{old}"]
+        for old, new in renames.items()
+        if f"tokenizer.ggml.{old}" in fields
+    }
 
 
 def write_gguf(
@@ -140,7 +151,9 @@ def write_gguf(
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type") == "llama3":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(rope["rope_theta"], head_dim, rope))
+        writer.add_tensor(
+            "rope_freqs.weight", llama3_rope_freqs(rope["rope_theta"], head_dim, rope)
+        )
     written = {}
     for name, value in tensors.items():
         value = value.astype(np.float32)

@@ -43,8 +43,17 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/v1"
-        cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -103,12 +112,29 @@ class Serve:
     def __init__(self, model_dir: Path, workers: int, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), "--workers", str(workers), "--engine", "mocker",
-               "--model", str(model_dir), "--served-model-name", "tiny", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            "--engine",
+            "mocker",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            "tiny",
+            *extra,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.output: list[str] = []
         self.worker_pids: list[int] = []
         self.nats_pid: int | None = None
@@ -159,8 +185,9 @@ class Proc:
     def __init__(self, *args: str):
         cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.output: list[str] = []
 
     def wait_for(self, text: str, timeout_s: float = 120.0) -> Proc:

@@ -25,8 +25,14 @@ class InProcessServer:
         self.stack = stack
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(stack.app, port=self.port, loop="none", http="httptools",
-                                log_level="warning", lifespan="on")  # fmt: skip
+        config = uvicorn.Config(
+            stack.app,
+            port=self.port,
+            loop="none",
+            http="httptools",
+            log_level="warning",
+            lifespan="on",
+        )
         self.server = _Quiet(config)
         self._task: asyncio.Task | None = None
 

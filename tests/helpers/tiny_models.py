@@ -48,21 +48,44 @@ _CORPUS = [
 ]
 
 _COMMON = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-    vocab_size=MODEL_VOCAB_SIZE, hidden_act="silu",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    vocab_size=MODEL_VOCAB_SIZE,
+    hidden_act="silu",
 )
 _FAMILIES: dict[str, tuple[str, bool, dict[str, Any]]] = {
     # family: (transformers config class, default tie, config overrides)
     "llama2": ("LlamaConfig", False, dict(rope_theta=10000.0)),
-    "llama3": ("LlamaConfig", True, dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=64))),
-    "smollm2": ("LlamaConfig", True, dict(num_key_value_heads=1, num_hidden_layers=3,
-                                          rope_theta=100000.0)),
+    "llama3": (
+        "LlamaConfig",
+        True,
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            )
+        ),
+    ),
+    "smollm2": (
+        "LlamaConfig",
+        True,
+        dict(num_key_value_heads=1, num_hidden_layers=3, rope_theta=100000.0),
+    ),
     "mistral": ("MistralConfig", False, dict(sliding_window=None, head_dim=16)),
-    "qwen2": ("Qwen2Config", True, dict(rope_theta=1000000.0, sliding_window=32,
-                                        use_sliding_window=False)),
+    "qwen2": (
+        "Qwen2Config",
+        True,
+        dict(rope_theta=1000000.0, sliding_window=32, use_sliding_window=False),
+    ),
     "qwen3": ("Qwen3Config", False, dict(head_dim=32, rope_theta=1000000.0)),
 }
 FAMILIES = tuple(_FAMILIES)
@@ -76,7 +99,9 @@ def tiny_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_CORPUS, trainer)
@@ -101,8 +126,14 @@ def make_tiny_hf_model(
     class_name, default_tie, family_kwargs = _FAMILIES[family]
     tokenizer = tiny_tokenizer()
     special = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    kwargs = {**_COMMON, **family_kwargs, "tie_word_embeddings": default_tie if tie is None else tie,
-              "bos_token_id": special["<s>"], "eos_token_id": special["</s>"], **overrides}
+    kwargs = {
+        **_COMMON,
+        **family_kwargs,
+        "tie_word_embeddings": default_tie if tie is None else tie,
+        "bos_token_id": special["<s>"],
+        "eos_token_id": special["</s>"],
+        **overrides,
+    }
     config = getattr(transformers, class_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -153,9 +184,13 @@ def write_tokenizer_files(model_dir: Path) -> None:
     special = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     tokenizer.save(str(model_dir / "tokenizer.json"))
     tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-        "eos_token": "<|im_end|>", "pad_token": "</s>", "unk_token": None,
-        "add_bos_token": False, "model_max_length": _COMMON["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "</s>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": _COMMON["max_position_embeddings"],
         "chat_template": CHATML_TEMPLATE,
     }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

@@ -44,8 +44,9 @@ def test_serve_passes_the_worker_event_loop_to_its_workers():
         assert worker.event_loop == expected
 
 
-@pytest.mark.parametrize(("name", "loop_type"), [("asyncio", asyncio.BaseEventLoop),
-                                                 ("uvloop", uvloop.Loop)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "loop_type"), [("asyncio", asyncio.BaseEventLoop), ("uvloop", uvloop.Loop)]
+)
 def test_run_uses_the_named_loop(name: str, loop_type: type):
     async def main() -> object:
         return asyncio.get_running_loop()
@@ -67,8 +68,9 @@ def test_run_rejects_an_unknown_loop():
 async def _hello(scope, receive, send) -> None:
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"2")]})  # fmt: skip
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
     await send({"type": "http.response.body", "body": b"ok"})
 
 

@@ -21,8 +21,18 @@ from tokenmill.launch.specs import (
 )
 from tokenmill.launch.stacks import local_policy
 
-FLAGS = ["--block-size", "32", "--num-blocks", "500", "--max-num-batched-tokens", "1024",
-         "--max-num-seqs", "7", "--watermark", "0.05"]  # fmt: skip
+FLAGS = [
+    "--block-size",
+    "32",
+    "--num-blocks",
+    "500",
+    "--max-num-batched-tokens",
+    "1024",
+    "--max-num-seqs",
+    "7",
+    "--watermark",
+    "0.05",
+]
 GIVEN = EngineSettings(32, 500, 1024, 7, 0.05)
 
 
@@ -42,8 +52,13 @@ def _engine_settings(spec: EngineSpec) -> EngineSettings:
         sched = built.engine.core.scheduler
         cfg, executor = sched.config, built.engine.core.executor
         assert (executor.block_size, executor.num_blocks) == (sched.block_size, sched.kv.num_blocks)
-        return EngineSettings(sched.block_size, sched.kv.num_blocks, cfg.max_num_batched_tokens,
-                              cfg.max_num_seqs, cfg.watermark)  # fmt: skip
+        return EngineSettings(
+            sched.block_size,
+            sched.kv.num_blocks,
+            cfg.max_num_batched_tokens,
+            cfg.max_num_seqs,
+            cfg.watermark,
+        )
     finally:
         built.engine.shutdown()
 
@@ -63,9 +78,13 @@ def test_mocker_defaults_are_the_replay_defaults_and_flags_reach_the_engine(mode
     assert _engine_settings(_spec(base)) == MOCKER_DEFAULTS
     assert _engine_settings(_spec(base + FLAGS)) == GIVEN
     replay = cmd_replay.build_config(build_parser().parse_args(["replay", "--trace", "t"]))
-    assert MOCKER_DEFAULTS == EngineSettings(replay.block_size, replay.num_blocks,
-                                             replay.max_num_batched_tokens, replay.max_num_seqs,
-                                             replay.watermark)  # fmt: skip
+    assert MOCKER_DEFAULTS == EngineSettings(
+        replay.block_size,
+        replay.num_blocks,
+        replay.max_num_batched_tokens,
+        replay.max_num_seqs,
+        replay.watermark,
+    )
 
 
 def test_real_engine_defaults_leave_the_pool_to_the_memory_budget():
@@ -84,15 +103,43 @@ def test_spawned_workers_get_only_the_settings_given():
     given = _spec(["serve", "--engine", "mocker", "--workers", "2", *FLAGS])
     worker = _worker_args(given)
     assert EngineSpec.from_args(worker) == given
-    assert [worker.block_size, worker.num_blocks, worker.max_num_batched_tokens,
-            worker.max_num_seqs, worker.watermark] == [32, 500, 1024, 7, 0.05]  # fmt: skip
+    assert [
+        worker.block_size,
+        worker.num_blocks,
+        worker.max_num_batched_tokens,
+        worker.max_num_seqs,
+        worker.watermark,
+    ] == [32, 500, 1024, 7, 0.05]
 
 
 def test_spawned_workers_rebuild_the_whole_engine_spec():
-    argv = ["serve", "--engine", "echo", "--model", "/m", "--served-model-name", "x",
-            "--context-length", "99", "--dtype", "fp32", "--device", "cpu", "--echo-delay", "0.5",
-            "--mocker-speedup", "3", "--stream-interval-ms", "2.5", "--workers", "2",
-            "--shutdown-timeout", "7", "--worker-event-loop", "asyncio"]  # fmt: skip
+    argv = [
+        "serve",
+        "--engine",
+        "echo",
+        "--model",
+        "/m",
+        "--served-model-name",
+        "x",
+        "--context-length",
+        "99",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--echo-delay",
+        "0.5",
+        "--mocker-speedup",
+        "3",
+        "--stream-interval-ms",
+        "2.5",
+        "--workers",
+        "2",
+        "--shutdown-timeout",
+        "7",
+        "--worker-event-loop",
+        "asyncio",
+    ]
     args = build_parser().parse_args(argv)
     fleet = FleetSpec.from_args(args)
     assert fleet == FleetSpec(2, None, WorkerSpec(None, 7.0, "asyncio"))
@@ -133,8 +180,9 @@ def test_standalone_router_hashes_with_the_card_block_size():
 
     card = ModelCard(model="m", context_length=1, block_size=64, kv_blocks=1, tokenizer="t")
     bare = InstanceInfo(namespace="n", component="c", endpoint="e", instance_id="a")
-    carded = InstanceInfo(namespace="n", component="c", endpoint="e", instance_id="b",
-                          metadata=card.metadata())  # fmt: skip
+    carded = InstanceInfo(
+        namespace="n", component="c", endpoint="e", instance_id="b", metadata=card.metadata()
+    )
     assert card_block_size([bare, carded]) == 64
     assert card_block_size([bare]) == 16  # no card: the real engine's default
 
@@ -150,9 +198,16 @@ def test_stream_interval_reaches_the_engine_and_the_spawned_workers(model_dir):
 
 
 def test_served_model_name_overrides_the_models(model_dir):
-    spec = _spec(["serve", "--engine", "echo", "--model", str(model_dir), "--served-model-name", "x"])
+    spec = _spec(
+        ["serve", "--engine", "echo", "--model", str(model_dir), "--served-model-name", "x"]
+    )
     assert engines.build_engine(spec).model_name == "x"
-    assert engines.build_engine(_spec(["serve", "--engine", "echo", "--model", str(model_dir)])).model_name == model_dir.name
+    assert (
+        engines.build_engine(
+            _spec(["serve", "--engine", "echo", "--model", str(model_dir)])
+        ).model_name
+        == model_dir.name
+    )
 
 
 def test_router_specs():
@@ -168,8 +223,9 @@ def test_frontend_flags_reach_the_frontend_config(command):
     from tokenmill.launch.specs import frontend_config
 
     parse = build_parser().parse_args
-    config = frontend_config(parse([*command, "--api-key", "k", "--protect-metrics",
-                                    "--max-tokens-default", "512"]))  # fmt: skip
+    config = frontend_config(
+        parse([*command, "--api-key", "k", "--protect-metrics", "--max-tokens-default", "512"])
+    )
     assert (config.api_key, config.protect_metrics, config.max_tokens_default) == ("k", True, 512)
     plain = frontend_config(parse(command))
     assert (plain.protect_metrics, plain.max_tokens_default) == (False, None)

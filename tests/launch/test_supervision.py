@@ -19,8 +19,9 @@ from tokenmill.launch.supervision import (
 
 
 def test_backoff_doubles_up_to_the_cap_and_the_budget_runs_out():
-    budget = RestartBudget(RestartPolicy(max_restarts=4, window_s=100.0, initial_backoff_s=1.0,
-                                         max_backoff_s=3.0))  # fmt: skip
+    budget = RestartBudget(
+        RestartPolicy(max_restarts=4, window_s=100.0, initial_backoff_s=1.0, max_backoff_s=3.0)
+    )
     assert [budget.next_delay(t) for t in (0.0, 1.0, 2.0, 3.0)] == [1.0, 2.0, 3.0, 3.0]
     assert budget.next_delay(4.0) is None
     assert budget.next_delay(99.0) is None

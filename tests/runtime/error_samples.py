@@ -26,7 +26,8 @@ def registered_samples() -> dict[str, Exception]:
     return {
         "invalid_request": InvalidRequestError("n must be in [1, 128]", param="n"),
         "context_length_exceeded": ContextLengthExceededError(
-            "prompt (9000 tokens) + max_tokens (16) exceed the context (8192)", param="prompt"),
+            "prompt (9000 tokens) + max_tokens (16) exceed the context (8192)", param="prompt"
+        ),
         "duplicate_request_id": DuplicateRequestError.for_request("cmpl-1-0"),
         "overloaded": OverloadedError("request shed: queue full", retry_after_s=7.0),
         "no_instances": NoInstancesError("no worker is serving"),
@@ -39,7 +40,7 @@ def registered_samples() -> dict[str, Exception]:
         "engine_error": EngineError("request r failed in the engine: RuntimeError: CUDA"),
         "model_load_error": ModelLoadError("/models/x/config.json: unsupported architecture"),
         "internal_error": InternalError("internal error: ZeroDivisionError"),
-    }  # fmt: skip
+    }
 
 
 def all_samples() -> dict[str, Exception]:

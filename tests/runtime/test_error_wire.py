@@ -39,7 +39,11 @@ def test_a_registered_error_round_trips_as_itself(code):
 def test_the_chunk_carries_code_message_param_and_retry_after():
     chunk = error_to_chunk("r", 0, registered_samples()["overloaded"])
     assert (chunk.error_code, chunk.error, chunk.error_param, chunk.error_retry_after_s) == (
-        "overloaded", "request shed: queue full", None, 7.0)
+        "overloaded",
+        "request shed: queue full",
+        None,
+        7.0,
+    )
     dup = error_to_chunk("r", 0, registered_samples()["duplicate_request_id"])
     assert (dup.error_code, dup.error_param) == ("duplicate_request_id", "request_id")
 

@@ -49,8 +49,11 @@ async def test_silence_past_the_inactivity_timeout_is_an_instance_failure():
 
 async def test_killed_process_breaks_streams_and_its_leases_expire(nats_server, make_runtime):
     caller = await make_runtime(inactivity_timeout_s=1.0)
-    child = subprocess.Popen([sys.executable, CHILD, nats_server.url], stdout=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": REPO})
+    child = subprocess.Popen(
+        [sys.executable, CHILD, nats_server.url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     try:
         assert child.stdout.readline().strip() == b"ready"
         client = caller.client(EP)
@@ -101,9 +104,28 @@ async def test_tcp_plane_rejects_a_wrong_token(make_runtime):
 
 def _self_signed(tmp_path) -> tuple[str, str]:
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -118,8 +140,7 @@ async def test_tcp_plane_over_tls(make_runtime, tmp_path):
     assert [x async for x in client.generate("s", "r1")] == ["s-0", "s-1", "s-2"]
 
 
-async def test_nats_restart_keeps_tcp_streams_and_components_reregister(
-        nats_server, make_runtime):
+async def test_nats_restart_keeps_tcp_streams_and_components_reregister(nats_server, make_runtime):
     server = await make_runtime(request_plane="tcp")
     nats_plane = await make_runtime(request_plane="nats")
     caller = await make_runtime()
@@ -147,8 +168,11 @@ async def test_nats_restart_keeps_tcp_streams_and_components_reregister(
     assert [x async for x in stream] == ["t-2"]
     assert [x async for x in client.generate("n", "r2", instance_id="nats-a")] == ["n-0", "n-1"]
     tcp_handler.gated = False
-    assert [x async for x in client.generate("u", "r3", instance_id="tcp-a")] == ["u-0", "u-1",
-                                                                                  "u-2"]
+    assert [x async for x in client.generate("u", "r3", instance_id="tcp-a")] == [
+        "u-0",
+        "u-1",
+        "u-2",
+    ]
 
 
 async def _lease_keys(rt) -> set[str]:

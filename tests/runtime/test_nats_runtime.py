@@ -54,7 +54,10 @@ async def test_discovery_watch_sees_additions_and_removals(make_runtime):
     await a.stop()
     events = [await watch.__anext__() for _ in range(3)]
     assert [(e.kind, e.instance.instance_id) for e in events] == [
-        ("added", "b"), ("removed", "b"), ("removed", "a")]
+        ("added", "b"),
+        ("removed", "b"),
+        ("removed", "a"),
+    ]
     await watch.aclose()
     assert client.instances() == []
 
@@ -200,8 +203,7 @@ async def test_event_plane_pub_sub(make_runtime):
         await sub.ready()
     await pub.publish("ns", "backend", "load", WorkerLoad(instance_id="a", kv_usage=0.5))
     await pub.publish("ns", "backend", "kv", {"event_id": 7})
-    assert await asyncio.wait_for(load.__anext__(), 5) == WorkerLoad(instance_id="a",
-                                                                       kv_usage=0.5)
+    assert await asyncio.wait_for(load.__anext__(), 5) == WorkerLoad(instance_id="a", kv_usage=0.5)
     assert await asyncio.wait_for(kv.__anext__(), 5) == {"event_id": 7}
     assert list(other.buffer) == []
     await load.aclose()

@@ -29,8 +29,10 @@ def test_only_stores_of_dead_owners_are_removed(tmp_path: Path):
 
 
 def test_a_killed_parents_store_is_removed_by_the_next_server():
-    code = ("from tokenmill.runtime.nats_server import NatsServer; import time\n"
-            "s = NatsServer().start(); print(s.store_dir, flush=True); time.sleep(60)")  # fmt: skip
+    code = (
+        "from tokenmill.runtime.nats_server import NatsServer; import time\n"
+        "s = NatsServer().start(); print(s.store_dir, flush=True); time.sleep(60)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         store = Path(child.stdout.readline().strip())

@@ -29,10 +29,14 @@ from tokenmill.runtime.wire import StreamChunk
 def _stream(inactivity_timeout_s: float = 10.0, deadline: float | None = None):
     """A stream whose canceller records ``"cancel"`` or ``"forget"`` in the returned list."""
     calls: list[str] = []
-    stream = RemoteStream("r", "i", decode=payload_decoder(None),
-                          inactivity_timeout_s=inactivity_timeout_s, deadline=deadline)
-    stream.bind_canceller(Canceller(lambda: calls.append("forget"),
-                                    lambda: calls.append("cancel")))
+    stream = RemoteStream(
+        "r",
+        "i",
+        decode=payload_decoder(None),
+        inactivity_timeout_s=inactivity_timeout_s,
+        deadline=deadline,
+    )
+    stream.bind_canceller(Canceller(lambda: calls.append("forget"), lambda: calls.append("cancel")))
     return stream, calls
 
 

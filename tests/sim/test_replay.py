@@ -139,8 +139,9 @@ def test_cli_writes_report(tmp_path):
     ttfts = [r["first_token_ms"] - r["arrival_ms"] for r in records]
     assert min(ttfts) > 0
     assert sum(ttfts) / len(ttfts) == pytest.approx(rep["ttft"]["mean"], abs=0.01)
-    assert all(r["num_output_tokens"] > 0 and r["finish_ms"] >= r["first_token_ms"]
-               for r in records)  # fmt: skip
+    assert all(
+        r["num_output_tokens"] > 0 and r["finish_ms"] >= r["first_token_ms"] for r in records
+    )
 
 
 def test_scaled_copies_disjoint_ids_and_shift():
@@ -164,21 +165,31 @@ def test_replay_timeline_is_engine_core_step_on_the_virtual_clock():
     from tokenmill.engine.config import CacheConfig, SchedulerConfig
 
     reqs = [TraceRequest(f"r{i}", 0.0, 700 + 300 * i, 5 + 3 * i, (0, 1 + i, 9)) for i in range(5)]
-    cfg = ReplayConfig(num_workers=1, num_blocks=64, fast_forward=False, max_num_batched_tokens=1024)
+    cfg = ReplayConfig(
+        num_workers=1, num_blocks=64, fast_forward=False, max_num_batched_tokens=1024
+    )
     replay = Replay(cfg, reqs)
     events = []
     replay.router.apply_event = lambda e: events.append(e)  # noqa: E731 - record, route nothing
     replay.run()
-    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=1024,
-                            max_model_len=64 * 64, watermark=cfg.watermark)  # fmt: skip
+    sched = SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=1024,
+        max_model_len=64 * 64,
+        watermark=cfg.watermark,
+    )
     hand_events = []
-    core = build_mock_core(CacheConfig(64, 64), sched, vocab_size=cfg.vocab_size,
-                           event_sink=hand_events.append)  # fmt: skip
+    core = build_mock_core(
+        CacheConfig(64, 64), sched, vocab_size=cfg.vocab_size, event_sink=hand_events.append
+    )
     tokens = TraceTokens(512, 64, cfg.vocab_size)
     for r in reqs:
         params = SamplingParams(max_tokens=r.output_length, ignore_eos=True)
-        core.add_request(EngineRequest(request_id=r.request_id,
-                                       prompt_token_ids=tokens.prompt_tokens(r), params=params))  # fmt: skip
+        core.add_request(
+            EngineRequest(
+                request_id=r.request_id, prompt_token_ids=tokens.prompt_tokens(r), params=params
+            )
+        )
     now, first, finish = 0.0, {}, {}
     while core.has_unfinished_requests():
         outs = core.step()

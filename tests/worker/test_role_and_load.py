@@ -45,19 +45,34 @@ async def test_the_role_is_in_the_registration(role):
 
 
 def test_load_carries_step_time_and_waiting_prefill_tokens():
-    stats = {"num_running": 2, "num_waiting": 3, "kv_usage": 0.25, "num_blocks": 64,
-             "step_time_ms": 12.5, "num_waiting_prefill_tokens": 700}  # fmt: skip
+    stats = {
+        "num_running": 2,
+        "num_waiting": 3,
+        "kv_usage": 0.25,
+        "num_blocks": 64,
+        "step_time_ms": 12.5,
+        "num_waiting_prefill_tokens": 700,
+    }
     load = load_from_stats("w0", stats)
     assert (load.num_waiting_requests, load.step_time_ms, load.num_waiting_prefill_tokens) == (
-        3, 12.5, 700,
-    )  # fmt: skip
+        3,
+        12.5,
+        700,
+    )
     assert load_from_stats("w0", {}).step_time_ms == 0.0  # an engine that reports none
 
 
 @pytest.mark.parametrize("codec", [msgspec.msgpack, msgspec.json])
 def test_a_load_message_without_the_new_fields_still_decodes(codec):
-    old = codec.encode({"instance_id": "w0", "num_running_requests": 1, "kv_usage": 0.5,
-                        "num_total_blocks": 10, "version": 1})  # fmt: skip
+    old = codec.encode(
+        {
+            "instance_id": "w0",
+            "num_running_requests": 1,
+            "kv_usage": 0.5,
+            "num_total_blocks": 10,
+            "version": 1,
+        }
+    )
     load = codec.decode(old, type=WorkerLoad)
     assert (load.num_running_requests, load.kv_usage) == (1, 0.5)
     assert (load.step_time_ms, load.num_waiting_prefill_tokens) == (0.0, 0)

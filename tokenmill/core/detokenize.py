@@ -153,8 +153,11 @@ class IncrementalDetokenizer:
         if len(full_text) < len(prefix_text):
             return ""
         new_text = full_text[len(prefix_text) :]
-        if (new_text.endswith("\ufffd") and not final
-                and num_ids - self._grown_at <= MAX_PENDING_TOKENS):  # fmt: skip
+        if (
+            new_text.endswith("\ufffd")
+            and not final
+            and num_ids - self._grown_at <= MAX_PENDING_TOKENS
+        ):
             return self._partial_delta(new_text)
         delta = new_text[self._num_emitted :] if self._num_emitted else new_text
         self._prefix_offset = read

@@ -247,8 +247,9 @@ def client_error(exc: BaseException) -> TokenmillError:
     return InternalError.naming(exc)
 
 
-def from_wire(code: str, message: str, param: str | None = None,
-              retry_after_s: float | None = None) -> TokenmillError:
+def from_wire(
+    code: str, message: str, param: str | None = None, retry_after_s: float | None = None
+) -> TokenmillError:
     """Rebuilds the error a peer sent as ``(code, message, param, retry_after_s)``; an
     unknown code gives an ``InternalError`` with ``message``."""
     cls = _REGISTRY.get(code)

@@ -84,8 +84,12 @@ class AsyncEngine:
     ``output_interval_s``: how long outputs that follow a delivered one may wait to be
     delivered together (0: every step's outputs at once)."""
 
-    def __init__(self, core: EngineCore, clock: Callable[[], float] = time.monotonic,
-                 output_interval_s: float = DEFAULT_OUTPUT_INTERVAL_S):
+    def __init__(
+        self,
+        core: EngineCore,
+        clock: Callable[[], float] = time.monotonic,
+        output_interval_s: float = DEFAULT_OUTPUT_INTERVAL_S,
+    ):
         self.core = core
         self.output_interval_s = output_interval_s
         self._streams: dict[str, _RequestStream] = {}
@@ -173,8 +177,11 @@ class AsyncEngine:
         """Loop thread: appends to the inboxes; wakes an event loop only if its inbox was idle."""
         with self._lock:
             streams = self._streams
-            post = [self._append(stream, out) for out in outputs
-                    if (stream := streams.get(out.request_id)) is not None]  # fmt: skip
+            post = [
+                self._append(stream, out)
+                for out in outputs
+                if (stream := streams.get(out.request_id)) is not None
+            ]
         for inbox in post:
             if inbox is not None:
                 _post(inbox)

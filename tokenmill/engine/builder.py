@@ -82,11 +82,27 @@ def build_real_core(
         itemsize = loaded.dtype.itemsize
         cache = CacheConfig.from_memory_budget(kv_cache_memory, config, itemsize, block_size)
     eos = loaded.tokenizer.eos_token_ids or config.eos_token_ids
-    runner = ModelRunner(loaded.model, config, cache.num_blocks, cache.block_size,
-                         loaded.dtype, loaded.device, eos_token_ids=eos, **runner_kwargs)  # fmt: skip
+    runner = ModelRunner(
+        loaded.model,
+        config,
+        cache.num_blocks,
+        cache.block_size,
+        loaded.dtype,
+        loaded.device,
+        eos_token_ids=eos,
+        **runner_kwargs,
+    )
     text = loaded.tokenizer.decode if decode else None
-    return build_core(runner, cache, scheduler, vocab_size=config.vocab_size,
-                      eos_token_ids=eos, decode=text, event_sink=event_sink, clock=clock)  # fmt: skip
+    return build_core(
+        runner,
+        cache,
+        scheduler,
+        vocab_size=config.vocab_size,
+        eos_token_ids=eos,
+        decode=text,
+        event_sink=event_sink,
+        clock=clock,
+    )
 
 
 def build_mock_core(
@@ -105,8 +121,9 @@ def build_mock_core(
     lengths follow ``max_tokens``. ``pacer`` None: steps do not sleep (offline use)."""
     tokens = TokenSource(vocab_size, seed)
     executor = MockExecutor(cache.num_blocks, cache.block_size, timing, tokens, pacer)
-    return build_core(executor, cache, scheduler, vocab_size=vocab_size,
-                      event_sink=event_sink, clock=clock)  # fmt: skip
+    return build_core(
+        executor, cache, scheduler, vocab_size=vocab_size, event_sink=event_sink, clock=clock
+    )
 
 
 def build_async_engine(

@@ -287,4 +287,3 @@ class EngineCore:
 
 def _with_arrival(request: EngineRequest, now: float) -> EngineRequest:
     return msgspec.structs.replace(request, arrival_time=now)
-

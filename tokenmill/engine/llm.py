@@ -78,8 +78,14 @@ class LLM:
             max_model_len=max_model_len or config.max_position_embeddings,
             enable_prefix_caching=enable_prefix_caching,
         )
-        self.core = build_real_core(self.loaded, sched, cache=cache, block_size=block_size,
-                                    kv_cache_memory=kv_cache_memory, **runner_kwargs)  # fmt: skip
+        self.core = build_real_core(
+            self.loaded,
+            sched,
+            cache=cache,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            **runner_kwargs,
+        )
         self.tokenizer = self.loaded.tokenizer
         self._next_id = 0
 

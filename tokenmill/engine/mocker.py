@@ -291,4 +291,3 @@ def advance_decode(scheduler: Scheduler, tokens: TokenSource, num_steps: int) ->
             r.output_token_ids.extend(rest)
             r.all_token_ids.extend(rest)
         r.num_computed_tokens += num_steps
-

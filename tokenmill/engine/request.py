@@ -46,12 +46,30 @@ class Request:
     """
 
     __slots__ = (
-        "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "params",
-        "priority", "arrival_time", "cache_salt", "order", "status", "finish_reason",
-        "stop_reason", "num_computed_tokens", "num_cached_tokens", "num_prompt_tokens",
-        "max_tokens", "max_num_tokens", "stop_ids", "num_preemptions", "block_hashes",
-        "local_hashes", "_block_size", "_hash_seed",
-    )  # fmt: skip
+        "request_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "all_token_ids",
+        "params",
+        "priority",
+        "arrival_time",
+        "cache_salt",
+        "order",
+        "status",
+        "finish_reason",
+        "stop_reason",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "num_prompt_tokens",
+        "max_tokens",
+        "max_num_tokens",
+        "stop_ids",
+        "num_preemptions",
+        "block_hashes",
+        "local_hashes",
+        "_block_size",
+        "_hash_seed",
+    )
 
     def __init__(
         self,

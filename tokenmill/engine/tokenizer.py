@@ -61,8 +61,14 @@ _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 GIL_FREE_CHARS = 4096
 # pipeline steps that never drop input characters nor turn several into one (so a token of
 # k characters covers at most k input characters): what ``min_num_tokens`` is exact for
-_LENGTH_SAFE_PRE_TOKENIZERS = {"ByteLevel", "Digits", "Metaspace", "Split", "Punctuation",
-                               "Sequence"}  # fmt: skip
+_LENGTH_SAFE_PRE_TOKENIZERS = {
+    "ByteLevel",
+    "Digits",
+    "Metaspace",
+    "Split",
+    "Punctuation",
+    "Sequence",
+}
 _LENGTH_SAFE_NORMALIZERS = {"Prepend", "Sequence"}
 
 
@@ -107,8 +113,13 @@ class Tokenizer:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True,
-               max_num_tokens: int | None = None) -> list[int]:  # fmt: skip
+    def encode(
+        self,
+        text: str,
+        add_special_tokens: bool = False,
+        parse_special: bool = True,
+        max_num_tokens: int | None = None,
+    ) -> list[int]:
         """Ids of ``text``; special-token text (``<|im_start|>``) maps to its single id, or
         with ``parse_special=False`` is tokenized as text. ``add_special_tokens`` adds what
         the tokenizer's post-processor adds (e.g. BOS). Raises ``PromptTooLongError``, without
@@ -129,8 +140,13 @@ class Tokenizer:
         if max_num_tokens is not None and (at_least := self.min_num_tokens(text)) > max_num_tokens:
             raise PromptTooLongError(at_least, max_num_tokens)
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                    parse_special: bool = False, max_num_tokens: int | None = None) -> list[int]:  # fmt: skip
+    def encode_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        parse_special: bool = False,
+        max_num_tokens: int | None = None,
+    ) -> list[int]:
         """The prompt ids of ``messages`` (dicts with ``role`` and ``content``). Special-token
         text inside a ``content`` is tokenized as text, unless ``parse_special``; only the
         template's own markers are special tokens. A prompt without such text gives the ids
@@ -147,7 +163,9 @@ class Tokenizer:
             return self.encode(text)
         sentinel, originals, marked_messages = marked
         assert self._special_re is not None  # marked only when there are special tokens
-        pieces = self._special_re.split(self.apply_chat_template(marked_messages, add_generation_prompt))
+        pieces = self._special_re.split(
+            self.apply_chat_template(marked_messages, add_generation_prompt)
+        )
         ids: list[int] = []
         for i, piece in enumerate(pieces):  # split keeps the specials at odd indices
             if i % 2:
@@ -176,9 +194,10 @@ class Tokenizer:
 
         marked = [
             {**m, "content": special.sub(swap, m["content"])}
-            if isinstance(m.get("content"), str) else dict(m)
+            if isinstance(m.get("content"), str)
+            else dict(m)
             for m in messages
-        ]  # fmt: skip
+        ]
         return re.compile(f"\ue000{nonce}:(\\d+)\ue001"), originals, marked
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -266,9 +285,10 @@ def _max_token_chars(backend: tokenizers.Tokenizer, config: Mapping[str, Any]) -
     fuses_unknown = model.get("unk_token") is not None and model.get("fuse_unk")
     if model.get("type") != "BPE" or fuses_unknown and not model.get("byte_fallback"):
         return None
-    if not (_length_safe(config.get("normalizer"), _LENGTH_SAFE_NORMALIZERS, "normalizers")
-            and _length_safe(config.get("pre_tokenizer"), _LENGTH_SAFE_PRE_TOKENIZERS,
-                             "pretokenizers")):  # fmt: skip
+    if not (
+        _length_safe(config.get("normalizer"), _LENGTH_SAFE_NORMALIZERS, "normalizers")
+        and _length_safe(config.get("pre_tokenizer"), _LENGTH_SAFE_PRE_TOKENIZERS, "pretokenizers")
+    ):
         return None
     return max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=1)
 

@@ -134,13 +134,19 @@ class Frontend:
 
     def add_model(self, model: ServedModel, dispatcher: Dispatcher) -> None:
         """Serves ``model`` through ``dispatcher`` too (a model card seen in discovery)."""
-        ctx = ServeContext(model, dispatcher, self.metrics, self.config.request_timeout_s,
-                           self.config.migration_limit)  # fmt: skip
+        ctx = ServeContext(
+            model,
+            dispatcher,
+            self.metrics,
+            self.config.request_timeout_s,
+            self.config.migration_limit,
+        )
         dispatcher.set_observer(self.metrics.observe_route)
         raw = getattr(model.tokenizer, "token_bytes", None)
         token_bytes = None if raw is None else functools.lru_cache(maxsize=65536)(raw)
-        self.served[model.name] = _Served(model, dispatcher, ctx, ctx.decoders[False].one,
-                                          token_bytes)  # fmt: skip
+        self.served[model.name] = _Served(
+            model, dispatcher, ctx, ctx.decoders[False].one, token_bytes
+        )
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -200,8 +206,9 @@ class Frontend:
         stages.instances = [s.instances for s in streams]
         events = merge(streams)
         if prepared.stream:
-            fmt = StreamFormatter(meta, served.token_text, prepared.include_usage,
-                                  served.token_bytes)  # fmt: skip
+            fmt = StreamFormatter(
+                meta, served.token_text, prepared.include_usage, served.token_bytes
+            )
             stages.streaming = True
             return SSEResponse(self._sse_body(events, fmt, usage, len(streams), stages))
         collector = Collector(meta, served.token_text, len(streams), usage, served.token_bytes)
@@ -268,8 +275,9 @@ class Frontend:
             self.request_log.write(stages)
 
     def _count_usage(self, model: str, usage: Usage) -> None:
-        self.metrics.observe_usage(model, usage.num_prompt_tokens, usage.num_completion_tokens,
-                                   usage.num_cached_tokens)  # fmt: skip
+        self.metrics.observe_usage(
+            model, usage.num_prompt_tokens, usage.num_completion_tokens, usage.num_cached_tokens
+        )
 
     def authorize(self, request: Request) -> None:
         """Raises a 401 unless no key is set or the request has ``Authorization: Bearer
@@ -310,8 +318,11 @@ class Frontend:
 
     def _check_router(self, options: Any) -> None:
         if options is not None and options.worker_id and not self.config.allow_pinning:
-            raise errors.HttpError(400, "pinning a request to a worker needs the server flag "
-                                   "--allow-pinning", param="router.worker_id")  # fmt: skip
+            raise errors.HttpError(
+                400,
+                "pinning a request to a worker needs the server flag --allow-pinning",
+                param="router.worker_id",
+            )
 
     def _served_for(self, name: str | None) -> _Served:
         served = self.served.get(self.model.name if name is None else name)
@@ -323,8 +334,9 @@ class Frontend:
 
     def models(self, request: Request) -> Response:
         self.authorize(request)
-        cards = [_card(s.model) for s in self.served.values()
-                 if s.dispatcher.has_instances()]  # no live worker: not listed  # fmt: skip
+        cards = [
+            _card(s.model) for s in self.served.values() if s.dispatcher.has_instances()
+        ]  # no live worker: not listed
         return json_response({"object": "list", "data": cards})
 
     def model_card(self, request: Request, model_id: str) -> Response:
@@ -332,8 +344,9 @@ class Frontend:
         self.authorize(request)
         served = self.served.get(model_id)
         if served is None or not served.dispatcher.has_instances():
-            raise errors.HttpError(404, f"the model {model_id!r} does not exist",
-                                   param="model", code="model_not_found")  # fmt: skip
+            raise errors.HttpError(
+                404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
+            )
         return json_response(_card(served.model))
 
     def health(self) -> Response:
@@ -348,8 +361,13 @@ class Frontend:
 
 
 def _card(model: ServedModel) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": model.created,
-            "owned_by": "tokenmill", "max_model_len": model.context_length}  # fmt: skip
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "tokenmill",
+        "max_model_len": model.context_length,
+    }
 
 
 def _too_large(limit: int) -> errors.HttpError:

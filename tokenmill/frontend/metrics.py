@@ -79,8 +79,14 @@ class FastHistogram:
     added). Without ``labelnames`` it observes itself; with them, ``labels(*values)`` gives
     the child to observe (keep it: the lookup is per call)."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
-                 registry: CollectorRegistry, labelnames: Sequence[str] = ()):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        labelnames: Sequence[str] = (),
+    ):
         self.name, self.documentation = name, documentation
         self._bounds, self._labelnames = tuple(buckets), tuple(labelnames)
         self._children: dict[tuple[str, ...], Buckets] = {}
@@ -138,9 +144,10 @@ class _Preemptions:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
-            "tokenmill_num_preemptions", "requests preempted by each worker's engine",
+            "tokenmill_num_preemptions",
+            "requests preempted by each worker's engine",
             labels=["worker"],
-        )  # fmt: skip
+        )
         for load in self.loads:
             family.add_metric([load.instance_id], load.num_preemptions)
         yield family
@@ -167,21 +174,32 @@ class FrontendMetrics:
             "tokenmill_e2e_request_latency_seconds", "E2E per choice", _LATENCY_BUCKETS, r, model
         )
         self.queue_time = FastHistogram(
-            "tokenmill_queue_time_seconds", "arrival to first scheduled in the engine",
-            _LATENCY_BUCKETS, r, model,
-        )  # fmt: skip
+            "tokenmill_queue_time_seconds",
+            "arrival to first scheduled in the engine",
+            _LATENCY_BUCKETS,
+            r,
+            model,
+        )
         self.prompt_length = FastHistogram(
-            "tokenmill_request_prompt_tokens", "prompt tokens per request", _LENGTH_BUCKETS,
-            r, model,
-        )  # fmt: skip
+            "tokenmill_request_prompt_tokens",
+            "prompt tokens per request",
+            _LENGTH_BUCKETS,
+            r,
+            model,
+        )
         self.generation_length = FastHistogram(
-            "tokenmill_request_generation_tokens", "generated tokens per request (all choices)",
-            _LENGTH_BUCKETS, r, model,
-        )  # fmt: skip
+            "tokenmill_request_generation_tokens",
+            "generated tokens per request (all choices)",
+            _LENGTH_BUCKETS,
+            r,
+            model,
+        )
         self.finish_reasons = Counter(
-            "tokenmill_request_finish", "choices ended, by finish reason (stop, length, "
-            "abort, error)", ["model", "finish_reason"], registry=r,
-        )  # fmt: skip
+            "tokenmill_request_finish",
+            "choices ended, by finish reason (stop, length, abort, error)",
+            ["model", "finish_reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "prompt tokens", model, registry=r)
         self.generated_tokens = Counter(
             "tokenmill_generation_tokens", "generated tokens", model, registry=r
@@ -219,8 +237,9 @@ class FrontendMetrics:
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 
-    def observe_usage(self, model: str, num_prompt: int, num_generated: int,
-                      num_cached: int) -> None:  # fmt: skip
+    def observe_usage(
+        self, model: str, num_prompt: int, num_generated: int, num_cached: int
+    ) -> None:
         """One request that completed: its token counts."""
         self.prompt_tokens.labels(model).inc(num_prompt)
         self.generated_tokens.labels(model).inc(num_generated)

@@ -110,9 +110,15 @@ class MigratingStream:
         if self.migrations >= self.limit:
             raise exc
         self.migrations += 1
-        log.warning("request %s: instance %s failed (%s); migrating after %d tokens (%d/%d)",
-                    self.request.request_id, failed, exc, len(self._generated),
-                    self.migrations, self.limit)  # fmt: skip
+        log.warning(
+            "request %s: instance %s failed (%s); migrating after %d tokens (%d/%d)",
+            self.request.request_id,
+            failed,
+            exc,
+            len(self._generated),
+            self.migrations,
+            self.limit,
+        )
         max_tokens = self.request.params.max_tokens
         if max_tokens is not None and len(self._generated) >= max_tokens:
             return self._length_done()
@@ -120,8 +126,9 @@ class MigratingStream:
         try:
             await self._open(continuation(self.request, self._generated))
         except NoInstancesError as no_worker:
-            raise RequestAbortedError(f"request {self.request.request_id} was aborted: its "
-                                      f"worker failed and {no_worker}") from exc  # fmt: skip
+            raise RequestAbortedError(
+                f"request {self.request.request_id} was aborted: its worker failed and {no_worker}"
+            ) from exc
         return None
 
     def _length_done(self) -> RequestOutput:

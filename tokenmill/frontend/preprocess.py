@@ -42,13 +42,23 @@ class TokenizerLike(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True,
-               max_num_tokens: int | None = None) -> list[int]: ...  # fmt: skip
+    def encode(
+        self,
+        text: str,
+        add_special_tokens: bool = False,
+        parse_special: bool = True,
+        max_num_tokens: int | None = None,
+    ) -> list[int]: ...
 
-    def encode_chat(self, messages: Any, add_generation_prompt: bool = True,
-                    parse_special: bool = False, max_num_tokens: int | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        parse_special: bool = False,
+        max_num_tokens: int | None = None,
+    ) -> list[int]:
         """Both raise ``PromptTooLongError`` for a text that provably has more than
-        ``max_num_tokens`` tokens, before tokenizing it."""  # fmt: skip
+        ``max_num_tokens`` tokens, before tokenizing it."""
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str: ...
 
@@ -96,8 +106,7 @@ def prepare_chat(
     except PromptTooLongError as e:
         raise _context_error(model, e.num_tokens_at_least, max_tokens, "messages", True) from None
     num_logprobs = _chat_logprobs(req)
-    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages",
-                     max_tokens_default)  # fmt: skip
+    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages", max_tokens_default)
     return _prepared(req, [prompt], params)
 
 
@@ -312,8 +321,13 @@ def _check_context(
     return room if max_tokens is None else max_tokens
 
 
-def _context_error(model: ServedModel, num_prompt_tokens: int, max_tokens: int | None,
-                   param: str, at_least: bool = False) -> InvalidRequestError:  # fmt: skip
+def _context_error(
+    model: ServedModel,
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    param: str,
+    at_least: bool = False,
+) -> InvalidRequestError:
     """The 400 of a request over the context (``at_least``: the count is a lower bound); a
     ``max_tokens`` under 1 is named first, as ``_check_context`` does."""
     if max_tokens is not None and max_tokens < 1:

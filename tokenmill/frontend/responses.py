@@ -75,8 +75,9 @@ def _chat_logprob(item: TokenLogprob, token_text: TokenText, token_bytes: TokenB
     return entry
 
 
-def _top_entry(token_id: int, logprob: float, token_text: TokenText,
-               token_bytes: TokenBytes) -> dict[str, Any]:  # fmt: skip
+def _top_entry(
+    token_id: int, logprob: float, token_text: TokenText, token_bytes: TokenBytes
+) -> dict[str, Any]:
     text = token_text(token_id)
     raw = text.encode() if token_bytes is None else token_bytes(token_id)
     return {"token": text, "logprob": logprob, "bytes": list(raw)}
@@ -102,8 +103,13 @@ class StreamFormatter:
     """SSE chunks for one streaming request: one ``data:`` frame per event, byte for byte what
     encoding the OpenAI chunk object would give (the envelope is encoded once per request)."""
 
-    def __init__(self, meta: ResponseMeta, token_text: TokenText, include_usage: bool,
-                 token_bytes: TokenBytes = None):  # fmt: skip
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        token_text: TokenText,
+        include_usage: bool,
+        token_bytes: TokenBytes = None,
+    ):
         self.meta, self.token_text, self.include_usage = meta, token_text, include_usage
         self.token_bytes = token_bytes
         self._started: set[int] = set()
@@ -123,8 +129,11 @@ class StreamFormatter:
 
     def _choice(self, event: ChoiceEvent) -> bytes:
         text = _encode(event.text)
-        rest = b',"finish_reason":null}' if event.finish_reason is None else (
-            b',"finish_reason":' + _encode(event.finish_reason) + b"}")  # fmt: skip
+        rest = (
+            b',"finish_reason":null}'
+            if event.finish_reason is None
+            else (b',"finish_reason":' + _encode(event.finish_reason) + b"}")
+        )
         if event.logprobs:
             rest = b',"logprobs":' + _encode(self._logprobs(event)) + rest
         else:
@@ -144,8 +153,13 @@ class StreamFormatter:
         return completion_logprobs(event.logprobs, self.token_text)
 
     def _envelope(self, choices: list[Any], usage: Any) -> dict[str, Any]:
-        body = {"id": self.meta.id, "object": self._object, "created": self.meta.created,
-                "model": self.meta.model, "choices": choices}  # fmt: skip
+        body = {
+            "id": self.meta.id,
+            "object": self._object,
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "choices": choices,
+        }
         if self.include_usage:
             body["usage"] = usage
         return body
@@ -154,8 +168,14 @@ class StreamFormatter:
 class Collector:
     """Accumulates events of a non-streaming request into the whole response."""
 
-    def __init__(self, meta: ResponseMeta, token_text: TokenText, num_choices: int, usage: Usage,
-                 token_bytes: TokenBytes = None):  # fmt: skip
+    def __init__(
+        self,
+        meta: ResponseMeta,
+        token_text: TokenText,
+        num_choices: int,
+        usage: Usage,
+        token_bytes: TokenBytes = None,
+    ):
         self.meta, self.token_text, self.usage = meta, token_text, usage
         self.token_bytes = token_bytes
         self._texts: list[list[str]] = [[] for _ in range(num_choices)]
@@ -174,8 +194,14 @@ class Collector:
     def response(self) -> dict[str, Any]:
         choices = [self._choice(i) for i in range(len(self._texts))]
         obj = "chat.completion" if self.meta.chat else "text_completion"
-        return {"id": self.meta.id, "object": obj, "created": self.meta.created,
-                "model": self.meta.model, "choices": choices, "usage": self.usage.to_json()}  # fmt: skip
+        return {
+            "id": self.meta.id,
+            "object": obj,
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "choices": choices,
+            "usage": self.usage.to_json(),
+        }
 
     def _choice(self, i: int) -> dict[str, Any]:
         text, items = "".join(self._texts[i]), self._logprobs[i]

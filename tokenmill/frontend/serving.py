@@ -140,8 +140,15 @@ class ChoiceStream:
     worker stream's opening, plus the engine's ``queue_time_s``) is recorded with its first
     outputs, or when it closes without any."""
 
-    def __init__(self, ctx: ServeContext, index: int, request: EngineRequest,
-                 stream: MigratingStream, arrival: float, opened_s: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        ctx: ServeContext,
+        index: int,
+        request: EngineRequest,
+        stream: MigratingStream,
+        arrival: float,
+        opened_s: float = 0.0,
+    ):
         decode = ctx.decoders[request.params.skip_special_tokens]
         self._detok = IncrementalDetokenizer(decode, request.params.stop, request.prompt_token_ids)
         self._timer = _TokenTimer(ctx.observed, arrival)

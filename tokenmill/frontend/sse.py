@@ -71,8 +71,11 @@ class SSEResponse(Response):
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: dict[str, Any] = {"type": "http.response.start", "status": self.status_code,
-                                 "headers": self.raw_headers}  # fmt: skip
+        start: dict[str, Any] = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
         more = True
         try:
             async with cancel_on_disconnect(receive):

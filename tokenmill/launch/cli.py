@@ -25,9 +25,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: a distributed LLM inference server with an OpenAI-compatible API")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
-                        help="DEBUG, INFO, WARNING, ERROR (any case)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="tokenmill",
+        description="tokenmill: a distributed LLM inference server with an OpenAI-compatible API",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING, ERROR (any case)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

@@ -44,8 +44,11 @@ def _register_engine(sub) -> None:
     p.add_argument("--decode-group-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both engines)")
-    p.add_argument("--random-prompts", action="store_true",
-                   help="random token ids of the trace's lengths (a random-weight model)")  # fmt: skip
+    p.add_argument(
+        "--random-prompts",
+        action="store_true",
+        help="random token ids of the trace's lengths (a random-weight model)",
+    )
     p.add_argument("--out", default="benchmarks/results/engine.json", help="'' to not write")
     p.add_argument(
         "--only-single",

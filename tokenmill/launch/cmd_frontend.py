@@ -14,8 +14,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_http(p)
     flags.add_frontend(p)
     flags.add_router_mode(p)
-    p.add_argument("--remote-router", action="store_true",
-                   help="ask standalone router replicas (tokenmill router) to route")  # fmt: skip
+    p.add_argument(
+        "--remote-router",
+        action="store_true",
+        help="ask standalone router replicas (tokenmill router) to route",
+    )
     p.set_defaults(func=run)
 
 
@@ -24,4 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
     runtime = specs.RuntimeSpec.from_args(args)
     http = specs.HttpSpec.from_args(args)
-    return serve_frontend(runtime, http, specs.frontend_config(args), specs.RouterSpec.from_args(args))
+    return serve_frontend(
+        runtime, http, specs.frontend_config(args), specs.RouterSpec.from_args(args)
+    )

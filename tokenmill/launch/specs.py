@@ -78,11 +78,25 @@ class EngineSpec:
     def argv(self) -> list[str]:
         """The ``worker`` flags that rebuild this spec in a child process. Settings equal to
         the kind's defaults are left out, so the child resolves them the same way."""
-        argv = ["--engine", self.kind, "--dtype", self.dtype, "--device", self.device,
-                "--mocker-speedup", str(self.mocker_speedup), "--echo-delay", str(self.echo_delay_s),
-                "--stream-interval-ms", str(self.stream_interval_ms)]  # fmt: skip
-        optional = (("--model", self.model), ("--served-model-name", self.served_model_name),
-                    ("--context-length", self.context_length))  # fmt: skip
+        argv = [
+            "--engine",
+            self.kind,
+            "--dtype",
+            self.dtype,
+            "--device",
+            self.device,
+            "--mocker-speedup",
+            str(self.mocker_speedup),
+            "--echo-delay",
+            str(self.echo_delay_s),
+            "--stream-interval-ms",
+            str(self.stream_interval_ms),
+        ]
+        optional = (
+            ("--model", self.model),
+            ("--served-model-name", self.served_model_name),
+            ("--context-length", self.context_length),
+        )
         argv += [str(x) for flag, value in optional if value is not None for x in (flag, value)]
         defaults = ENGINE_DEFAULTS[self.kind]
         for name in SETTING_FLAGS:
@@ -105,8 +119,14 @@ class HttpSpec:
 
     @classmethod
     def from_args(cls, args: Namespace) -> HttpSpec:
-        return cls(args.host, args.port, args.event_loop, args.timeout_keep_alive,
-                   args.shutdown_timeout, args.header_timeout)  # fmt: skip
+        return cls(
+            args.host,
+            args.port,
+            args.event_loop,
+            args.timeout_keep_alive,
+            args.shutdown_timeout,
+            args.header_timeout,
+        )
 
 
 WORKER_COMPONENT = "backend"  # the discovery component of worker endpoints
@@ -125,15 +145,25 @@ class RuntimeSpec:
 
     @classmethod
     def from_args(cls, args: Namespace) -> RuntimeSpec:
-        return cls(args.nats, args.namespace, args.listen_host, args.advertise_host,
-                   args.plane_token, args.request_plane)  # fmt: skip
+        return cls(
+            args.nats,
+            args.namespace,
+            args.listen_host,
+            args.advertise_host,
+            args.plane_token,
+            args.request_plane,
+        )
 
     def config(self) -> Any:
         """The ``NatsRuntimeConfig`` of this spec."""
         from tokenmill.runtime.nats_runtime import NatsRuntimeConfig
 
-        return NatsRuntimeConfig(request_plane=self.request_plane, host=self.listen_host,
-                                 advertise_host=self.advertise_host, token=self.plane_token)  # fmt: skip
+        return NatsRuntimeConfig(
+            request_plane=self.request_plane,
+            host=self.listen_host,
+            advertise_host=self.advertise_host,
+            token=self.plane_token,
+        )
 
 
 @dataclass(frozen=True)

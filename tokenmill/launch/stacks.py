@@ -62,7 +62,9 @@ async def build_local_stack(engine: EngineSpec, config: Any, router: RouterSpec)
     return await assemble_local_stack(built.engine, model, config, policy)
 
 
-async def assemble_local_stack(engine: Any, model: Any, config: Any, policy: Any = None) -> LocalStack:
+async def assemble_local_stack(
+    engine: Any, model: Any, config: Any, policy: Any = None
+) -> LocalStack:
     """Worker over ``engine`` on a fresh in-process runtime, dispatcher (``policy`` None: round
     robin), load tracker, app."""
     from tokenmill.frontend.app import build_app
@@ -112,8 +114,13 @@ class RemoteStack:
         await self.runtime.shutdown()
 
 
-async def build_remote_stack(runtime_spec: RuntimeSpec, config: Any, router: RouterSpec,
-                             expect_workers: int = 1, check: Any = None) -> RemoteStack:  # fmt: skip
+async def build_remote_stack(
+    runtime_spec: RuntimeSpec,
+    config: Any,
+    router: RouterSpec,
+    expect_workers: int = 1,
+    check: Any = None,
+) -> RemoteStack:
     """Connects, waits for ``expect_workers`` live workers, serves the first one's model
     (card + tokenizer) and, through a ``ModelWatcher``, every other model that registers.
     ``check()`` (optional) is called while waiting; it raises to give up (a child died)."""
@@ -141,8 +148,9 @@ async def build_remote_stack(runtime_spec: RuntimeSpec, config: Any, router: Rou
     return RemoteStack(app, model, runtime, loads, [*parts, watcher])
 
 
-async def model_dispatcher(router: RouterSpec, runtime: Any, namespace: str, client: Any,
-                           card: ModelCard) -> tuple[Any, list[Any]]:  # fmt: skip
+async def model_dispatcher(
+    router: RouterSpec, runtime: Any, namespace: str, client: Any, card: ModelCard
+) -> tuple[Any, list[Any]]:
     """(Dispatcher over ``card.model``'s instances, parts to stop)."""
     from tokenmill.routing.dispatch import Dispatcher
     from tokenmill.routing.models import ModelView
@@ -152,8 +160,9 @@ async def model_dispatcher(router: RouterSpec, runtime: Any, namespace: str, cli
     return Dispatcher(view, policy), parts
 
 
-async def remote_policy(router: RouterSpec, runtime: Any, namespace: str, client: Any,
-                        block_size: int) -> tuple[Any, list[Any]]:  # fmt: skip
+async def remote_policy(
+    router: RouterSpec, runtime: Any, namespace: str, client: Any, block_size: int
+) -> tuple[Any, list[Any]]:
     """Round robin, standalone router replicas (``router.remote``), or the KV router with its
     event feed and replica sync; returns (policy, parts)."""
     from tokenmill.routing.dispatch import RoundRobinPolicy
@@ -167,8 +176,9 @@ async def remote_policy(router: RouterSpec, runtime: Any, namespace: str, client
     return await kv_policy_parts(router.mode, runtime, namespace, client, block_size)
 
 
-async def kv_policy_parts(mode: str, runtime: Any, namespace: str, client: Any,
-                          block_size: int) -> tuple[Any, list[Any]]:  # fmt: skip
+async def kv_policy_parts(
+    mode: str, runtime: Any, namespace: str, client: Any, block_size: int
+) -> tuple[Any, list[Any]]:
     """``KvRouterPolicy`` + its ``KvEventFeed`` and ``ReplicaSync`` (started)."""
     from tokenmill.routing.kv_events import KvEventFeed
     from tokenmill.routing.kv_policy import KvRouterPolicy

@@ -72,7 +72,7 @@ class Child(Protocol):
 
 
 def describe_exit(code: int) -> str:
-    """"exited with 3" or "killed by SIGKILL"."""
+    """ "exited with 3" or "killed by SIGKILL"."""
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
@@ -83,8 +83,13 @@ def describe_exit(code: int) -> str:
 class Supervisor:
     """Watches ``children`` from a task of the running loop (``start``/``stop``)."""
 
-    def __init__(self, children: Sequence[Child], policy: RestartPolicy = RestartPolicy(),
-                 clock: Callable[[], float] = time.monotonic, poll_s: float = POLL_S):  # fmt: skip
+    def __init__(
+        self,
+        children: Sequence[Child],
+        policy: RestartPolicy = RestartPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = POLL_S,
+    ):
         self.children = list(children)
         self.policy = policy
         self._budgets = {id(c): RestartBudget(policy) for c in self.children}
@@ -115,16 +120,27 @@ class Supervisor:
     async def _replace(self, child: Child, code: int) -> bool:
         """Restarts a dead child after its backoff; False when it stays dead."""
         if self.policy.max_restarts == 0:
-            log.error("%s (pid %s) %s; not restarted (restarts disabled)", child.name,
-                      child.pid, describe_exit(code))  # fmt: skip
+            log.error(
+                "%s (pid %s) %s; not restarted (restarts disabled)",
+                child.name,
+                child.pid,
+                describe_exit(code),
+            )
             return False
         delay = self._budgets[id(child)].next_delay(self._clock())
         if delay is None:
-            self._give_up(f"{child.name} (pid {child.pid}) {describe_exit(code)}; "
-                          f"{self.policy.max_restarts} restarts in {self.policy.window_s:g} s spent")  # fmt: skip
+            self._give_up(
+                f"{child.name} (pid {child.pid}) {describe_exit(code)}; "
+                f"{self.policy.max_restarts} restarts in {self.policy.window_s:g} s spent"
+            )
             return False
-        log.error("%s (pid %s) %s; restarting in %.1f s", child.name, child.pid,
-                  describe_exit(code), delay)  # fmt: skip
+        log.error(
+            "%s (pid %s) %s; restarting in %.1f s",
+            child.name,
+            child.pid,
+            describe_exit(code),
+            delay,
+        )
         await asyncio.sleep(delay)
         try:
             await asyncio.to_thread(child.restart)

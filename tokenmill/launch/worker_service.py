@@ -41,16 +41,19 @@ async def serve_worker(engine: EngineSpec, runtime_spec: RuntimeSpec, spec: Work
         print(f"tokenmill worker: ready {worker.info.instance_id}", flush=True)
         await wait_for_signal()
         aborted = await worker.stop(drain_timeout_s=spec.drain_timeout_s)
-        print(f"tokenmill worker: stopped ({aborted} requests evicted)"
-              f"{pacing_note(built.engine)}", flush=True)  # fmt: skip
+        print(
+            f"tokenmill worker: stopped ({aborted} requests evicted){pacing_note(built.engine)}",
+            flush=True,
+        )
     finally:
         await runtime.shutdown()
         await maybe_await(built.engine.shutdown())
     return 0
 
 
-async def start_worker(runtime: Any, built: BuiltEngine, namespace: str, spec: WorkerSpec,
-                       kv: Any = None) -> Any:  # fmt: skip
+async def start_worker(
+    runtime: Any, built: BuiltEngine, namespace: str, spec: WorkerSpec, kv: Any = None
+) -> Any:
     """Publishes the tokenizer blob and starts a ``Worker`` whose metadata is the model card
     (plus ``kv_events``: whether ``kv``, its ``KvPublisher``, puts KV events on the wire)."""
     from tokenmill.worker.worker import Worker, WorkerConfig
@@ -60,8 +63,13 @@ async def start_worker(runtime: Any, built: BuiltEngine, namespace: str, spec: W
     keeper = asyncio.create_task(keep_blob(runtime, f"tokenizer-{digest}", blob))
     _BACKGROUND.add(keeper)  # lives as long as the process
     blocks = load_from_stats("", built.engine.stats()).num_total_blocks
-    card = ModelCard(model=built.model_name, context_length=built.context_length,
-                     block_size=built.block_size, kv_blocks=blocks, tokenizer=digest)  # fmt: skip
+    card = ModelCard(
+        model=built.model_name,
+        context_length=built.context_length,
+        block_size=built.block_size,
+        kv_blocks=blocks,
+        tokenizer=digest,
+    )
     config = WorkerConfig(
         namespace=namespace,
         instance_id=spec.instance_id,

@@ -47,8 +47,13 @@ class _WorkerState:
 
 
 class KvEventFeed:
-    def __init__(self, runtime: Runtime, generate: EndpointClient, policy: KvRouterPolicy,
-                 silence_s: float = 10.0):  # fmt: skip
+    def __init__(
+        self,
+        runtime: Runtime,
+        generate: EndpointClient,
+        policy: KvRouterPolicy,
+        silence_s: float = 10.0,
+    ):
         self.runtime, self.generate, self.policy = runtime, generate, policy
         ep = generate.endpoint
         self.replay_client = runtime.client(
@@ -70,9 +75,11 @@ class KvEventFeed:
         if ready is not None:
             await ready()
         self.policy.listeners.append(self._on_route)
-        self._tasks = [asyncio.create_task(self._consume(sub)),
-                       asyncio.create_task(self._watch()),
-                       asyncio.create_task(self._check_silence())]  # fmt: skip
+        self._tasks = [
+            asyncio.create_task(self._consume(sub)),
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._check_silence()),
+        ]
 
     def _on_route(self, kind: str, request_id: str, instance_id: str, *_: object) -> None:
         if kind == "added":
@@ -133,8 +140,12 @@ class KvEventFeed:
             if event.event_id < state.next_event_id:
                 continue  # already applied (a replay covered it)
             if event.event_id > state.next_event_id:
-                log.info("router: KV event gap from %s: expected %d, got %d; replaying",
-                         iid, state.next_event_id, event.event_id)  # fmt: skip
+                log.info(
+                    "router: KV event gap from %s: expected %d, got %d; replaying",
+                    iid,
+                    state.next_event_id,
+                    event.event_id,
+                )
                 state.buffered.extend(events[i:])
                 self._sync(iid, state, state.next_event_id)
                 return

@@ -60,8 +60,11 @@ class KvRouterPolicy:
     def use_approx(self, reason: str) -> None:
         """Switches to the approximate index (loudly): KV events are missing."""
         if self.router.approx is None and self.router.config.mode == "kv":
-            log.error("router: %s; kv routing falls back to the APPROXIMATE index "
-                      "(predicted from routing decisions, not from KV events)", reason)  # fmt: skip
+            log.error(
+                "router: %s; kv routing falls back to the APPROXIMATE index "
+                "(predicted from routing decisions, not from KV events)",
+                reason,
+            )
             self.router.approx = ApproxIndexer(self.router.index, ApproxConfig())
 
     def known_worker_id(self, instance_id: str) -> int | None:
@@ -92,8 +95,9 @@ class KvRouterPolicy:
         instance_id = self._instance_ids[decision.worker_id]
         cached = min(decision.overlap_blocks * self.router.config.block_size, len(prompt))
         for listener in self.listeners:
-            listener("added", request.request_id, instance_id, hashes, len(prompt),
-                     len(prompt) - cached)  # fmt: skip
+            listener(
+                "added", request.request_id, instance_id, hashes, len(prompt), len(prompt) - cached
+            )
         return instance_id
 
     def _overrides(self, options: Any) -> RouteOverrides | None:

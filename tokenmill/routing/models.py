@@ -62,6 +62,11 @@ class ModelView(EndpointClient):
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
 
-    def generate(self, request: Any, request_id: str, instance_id: str | None = None,
-                 deadline_s: float | None = None) -> ResponseStream:  # fmt: skip
+    def generate(
+        self,
+        request: Any,
+        request_id: str,
+        instance_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> ResponseStream:
         return self.client.generate(request, request_id, instance_id, deadline_s)

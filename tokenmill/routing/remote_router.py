@@ -53,8 +53,13 @@ class RouterService:
     """One ``KvRouterPolicy`` per model (``make_policy(model name)``, created on the model's
     first request), so routing one model's request never drops another model's workers."""
 
-    def __init__(self, runtime: Runtime, namespace: str, generate: EndpointClient,
-                 make_policy: Callable[[str], Awaitable[KvRouterPolicy]]):  # fmt: skip
+    def __init__(
+        self,
+        runtime: Runtime,
+        namespace: str,
+        generate: EndpointClient,
+        make_policy: Callable[[str], Awaitable[KvRouterPolicy]],
+    ):
         self.runtime, self.namespace, self.generate = runtime, namespace, generate
         self.make_policy = make_policy
         self.policies: dict[str, asyncio.Future[KvRouterPolicy]] = {}
@@ -81,8 +86,14 @@ class RouterService:
 
     async def _policy(self, instance_ids: list[str]) -> KvRouterPolicy:
         wanted = set(instance_ids)
-        model = next((i.metadata.get("model", "") for i in self.generate.instances()
-                      if i.instance_id in wanted), "")  # fmt: skip
+        model = next(
+            (
+                i.metadata.get("model", "")
+                for i in self.generate.instances()
+                if i.instance_id in wanted
+            ),
+            "",
+        )
         future = self.policies.get(model)
         if future is None:
             future = self.policies[model] = asyncio.ensure_future(self.make_policy(model))

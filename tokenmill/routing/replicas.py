@@ -34,9 +34,15 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaSync:
-    def __init__(self, runtime: Runtime, namespace: str, component: str,
-                 policy: KvRouterPolicy, hello_interval_s: float = 2.0,
-                 peer_ttl_s: float = 6.0):  # fmt: skip
+    def __init__(
+        self,
+        runtime: Runtime,
+        namespace: str,
+        component: str,
+        policy: KvRouterPolicy,
+        hello_interval_s: float = 2.0,
+        peer_ttl_s: float = 6.0,
+    ):
         self.runtime, self.namespace, self.component = runtime, namespace, component
         self.policy = policy
         self.replica_id = uuid.uuid4().hex[:12]
@@ -90,20 +96,27 @@ class ReplicaSync:
             self.apply(event)
 
     def _event(self, kind: str, request_id: str = "", **fields) -> RouteEvent:
-        return RouteEvent(kind=kind, replica_id=self.replica_id, request_id=request_id,
-                          **fields)  # type: ignore[arg-type]  # fmt: skip
+        return RouteEvent(kind=kind, replica_id=self.replica_id, request_id=request_id, **fields)  # type: ignore[arg-type]
 
     def _queue(self, event: RouteEvent) -> None:
         self._queued.append(event)
         self._wakeup.set()
 
-    def _local(self, kind: str, request_id: str, instance_id: str, hashes, ntok: int,
-               prefill: int) -> None:  # fmt: skip
+    def _local(
+        self, kind: str, request_id: str, instance_id: str, hashes, ntok: int, prefill: int
+    ) -> None:
         if not self.has_peers():
             return  # nobody to tell
-        self._queue(self._event(kind, request_id, instance_id=instance_id,
-                                block_hashes=list(hashes), num_prompt_tokens=ntok,
-                                num_prefill_tokens=prefill))  # fmt: skip
+        self._queue(
+            self._event(
+                kind,
+                request_id,
+                instance_id=instance_id,
+                block_hashes=list(hashes),
+                num_prompt_tokens=ntok,
+                num_prefill_tokens=prefill,
+            )
+        )
 
     async def _hellos(self) -> None:
         while True:
@@ -137,8 +150,9 @@ class ReplicaSync:
             wid = self.policy.known_worker_id(event.instance_id)
             if wid is None:
                 return
-            active.add_request(key, wid, event.block_hashes, event.num_prompt_tokens,
-                               event.num_prefill_tokens, now)  # fmt: skip
+            active.add_request(
+                key, wid, event.block_hashes, event.num_prompt_tokens, event.num_prefill_tokens, now
+            )
         elif event.kind == "prefill_done":
             active.mark_prefill_done(key, now)
         else:

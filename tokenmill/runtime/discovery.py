@@ -38,8 +38,9 @@ async def open_bucket(js: Any, bucket: str) -> Any:
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
-                                limit_marker_ttl=1.0)
+        config = KeyValueConfig(
+            bucket=bucket, history=1, storage=StorageType.FILE, limit_marker_ttl=1.0
+        )
         return await js.create_key_value(config)
 
 
@@ -76,8 +77,9 @@ class Leases:
             try:
                 await self.kv.delete(key)
             except Exception as exc:  # NATS down: the lease lapses on its own
-                log.warning("could not delete lease %s (%s); it expires in %.1f s",
-                            key, exc, self.ttl_s)
+                log.warning(
+                    "could not delete lease %s (%s); it expires in %.1f s", key, exc, self.ttl_s
+                )
 
     async def renew_all(self) -> None:
         """Rewrites every held key (heartbeat, and at once after a reconnect); if that

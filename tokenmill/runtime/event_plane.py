@@ -28,8 +28,14 @@ class NatsSubscription:
     the constructor; ``await ready()`` returns once the server has it (messages published
     after that are delivered). ``aclose()`` unsubscribes; idempotent."""
 
-    def __init__(self, nc: Any, subject: str, topic: str, message_type: type | None,
-                 registry: set[NatsSubscription]):
+    def __init__(
+        self,
+        nc: Any,
+        subject: str,
+        topic: str,
+        message_type: type | None,
+        registry: set[NatsSubscription],
+    ):
         self._nc, self._registry = nc, registry
         self._decode = payload_decoder(message_type or TOPIC_TYPES.get(topic))
         self.buffer: deque[Any] = deque(maxlen=SUBSCRIPTION_BUFFER)

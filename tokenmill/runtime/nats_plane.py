@@ -97,8 +97,9 @@ class NatsPlaneClient:
                 if self._sub is None:
                     self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
 
-    async def open_stream(self, subject: str, stream: RemoteStream,
-                          envelope: RequestEnvelope) -> None:
+    async def open_stream(
+        self, subject: str, stream: RemoteStream, envelope: RequestEnvelope
+    ) -> None:
         await self._ensure_subscribed()
         token = str(next(self._tokens))
         self._streams[token] = stream
@@ -111,8 +112,12 @@ class NatsPlaneClient:
             asyncio.get_running_loop().create_task(self._publish(subject + ".cancel", body))
 
         stream.bind_canceller(Canceller(forget, cancel))
-        await self._nc.publish(subject, _ENC.encode(envelope), reply=f"{self._prefix}.{token}",
-                               headers=_REQUEST_HEADERS)
+        await self._nc.publish(
+            subject,
+            _ENC.encode(envelope),
+            reply=f"{self._prefix}.{token}",
+            headers=_REQUEST_HEADERS,
+        )
 
     async def _publish(self, subject: str, body: bytes) -> None:
         try:
@@ -125,8 +130,11 @@ class NatsPlaneClient:
         if stream is None:
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            stream.fail(InstanceFailedError(f"no responder on the instance's subject "
-                                            f"for {stream.request_id}"))
+            stream.fail(
+                InstanceFailedError(
+                    f"no responder on the instance's subject for {stream.request_id}"
+                )
+            )
         elif not msg.data:
             stream.keepalive()
         else:
@@ -137,4 +145,3 @@ class NatsPlaneClient:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.fail(InstanceFailedError(reason))
-

@@ -76,11 +76,13 @@ class NatsRuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.request_plane not in REQUEST_PLANES:
-            raise ValueError(f"request_plane must be one of {REQUEST_PLANES}: "
-                             f"{self.request_plane!r}")
+            raise ValueError(
+                f"request_plane must be one of {REQUEST_PLANES}: {self.request_plane!r}"
+            )
         if self.lease_ttl_s < 1.0:
-            raise ValueError(f"lease_ttl_s must be >= 1 s (NATS TTL granularity): "
-                             f"{self.lease_ttl_s}")
+            raise ValueError(
+                f"lease_ttl_s must be >= 1 s (NATS TTL granularity): {self.lease_ttl_s}"
+            )
 
 
 class _Served(ServedEndpoint):
@@ -95,8 +97,13 @@ class _Served(ServedEndpoint):
 
 
 class NatsEndpointClient(EndpointClient):
-    def __init__(self, runtime: NatsRuntime, endpoint: EndpointId, cache: InstanceCache,
-                 response_type: type | None):
+    def __init__(
+        self,
+        runtime: NatsRuntime,
+        endpoint: EndpointId,
+        cache: InstanceCache,
+        response_type: type | None,
+    ):
         self._runtime, self.endpoint, self._cache = runtime, endpoint, cache
         self._decode = payload_decoder(response_type)
         self._rr = itertools.count()
@@ -119,27 +126,44 @@ class NatsEndpointClient(EndpointClient):
         finally:
             self._cache.remove_queue(queue)
 
-    def generate(self, request: Any, request_id: str, instance_id: str | None = None,
-                 deadline_s: float | None = None) -> ResponseStream:
+    def generate(
+        self,
+        request: Any,
+        request_id: str,
+        instance_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> ResponseStream:
         info = self._pick(instance_id) if self._cache.ready.is_set() else None
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        stream = RemoteStream(request_id, info.instance_id if info else (instance_id or ""),
-                              decode=self._decode, deadline=deadline,
-                              inactivity_timeout_s=self._runtime.config.inactivity_timeout_s)
+        stream = RemoteStream(
+            request_id,
+            info.instance_id if info else (instance_id or ""),
+            decode=self._decode,
+            deadline=deadline,
+            inactivity_timeout_s=self._runtime.config.inactivity_timeout_s,
+        )
         envelope_args = (encode_payload(request), request_id, deadline_s)
         stream.set_opener(lambda: self._open(stream, info, instance_id, envelope_args))
         return stream
 
-    async def _open(self, stream: RemoteStream, info: InstanceInfo | None,
-                    instance_id: str | None, args: tuple[bytes, str, float | None]) -> None:
+    async def _open(
+        self,
+        stream: RemoteStream,
+        info: InstanceInfo | None,
+        instance_id: str | None,
+        args: tuple[bytes, str, float | None],
+    ) -> None:
         if info is None:
             await self._cache.ready.wait()
             info = self._pick(instance_id)
             stream.instance_id = info.instance_id
         payload, request_id, deadline_s = args
         envelope = RequestEnvelope(
-            request_id=request_id, instance_id=info.instance_id, payload=payload,
-            deadline_unix_s=None if deadline_s is None else time.time() + deadline_s)
+            request_id=request_id,
+            instance_id=info.instance_id,
+            payload=payload,
+            deadline_unix_s=None if deadline_s is None else time.time() + deadline_s,
+        )
         await self._runtime._open_stream(info, stream, envelope)
 
     def _pick(self, instance_id: str | None) -> InstanceInfo:
@@ -186,9 +210,14 @@ class NatsRuntime(Runtime):
 
     async def start(self) -> NatsRuntime:
         self.nc = await nats.connect(
-            self.url, max_reconnect_attempts=-1, reconnect_time_wait=self.config.reconnect_wait_s,
-            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
-            error_cb=self._on_error, name=f"tokenmill-{uuid.uuid4().hex[:8]}")
+            self.url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self.config.reconnect_wait_s,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            error_cb=self._on_error,
+            name=f"tokenmill-{uuid.uuid4().hex[:8]}",
+        )
         js = self.nc.jetstream()
         self._leases = await Leases(js, self.config.bucket, self.config.lease_ttl_s).open()
         self._nats_client = NatsPlaneClient(self.nc)
@@ -227,15 +256,25 @@ class NatsRuntime(Runtime):
         return self._leases.kv
 
     # -- request plane ----------------------------------------------------------------
-    async def serve_endpoint(self, endpoint: EndpointId, handler: Handler, *,
-                             instance_id: str | None = None,
-                             metadata: dict[str, str] | None = None,
-                             request_type: type | None = None) -> ServedEndpoint:
+    async def serve_endpoint(
+        self,
+        endpoint: EndpointId,
+        handler: Handler,
+        *,
+        instance_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        request_type: type | None = None,
+    ) -> ServedEndpoint:
         instance_id = instance_id or uuid.uuid4().hex[:12]
         address = await self._listen(endpoint, instance_id)
-        info = InstanceInfo(namespace=endpoint.namespace, component=endpoint.component,
-                            endpoint=endpoint.endpoint, instance_id=instance_id,
-                            address=address, metadata=dict(metadata or {}))
+        info = InstanceInfo(
+            namespace=endpoint.namespace,
+            component=endpoint.component,
+            endpoint=endpoint.endpoint,
+            instance_id=instance_id,
+            address=address,
+            metadata=dict(metadata or {}),
+        )
         self._runner.add_handler(instance_id, handler, request_type)
         assert self._leases is not None, "call start() first"
         served = _Served(self, info, await self._leases.put(info))
@@ -251,8 +290,9 @@ class NatsRuntime(Runtime):
             await self._nats_server.add(subject)
             return f"nats://{subject}"
         if self._tcp_server is None:
-            self._tcp_server = TcpServer(self._runner, token=self.config.token,
-                                         ssl_context=self.config.server_ssl)
+            self._tcp_server = TcpServer(
+                self._runner, token=self.config.token, ssl_context=self.config.server_ssl
+            )
             await self._tcp_server.start(self.config.host, self.config.tcp_port)
         scheme = "tls" if self.config.server_ssl is not None else "tcp"
         host = self.config.advertise_host or self.config.host
@@ -265,8 +305,9 @@ class NatsRuntime(Runtime):
         if self._nats_server is not None and info.address.startswith("nats://"):
             await self._nats_server.remove(info.address.removeprefix("nats://"))
 
-    async def _open_stream(self, info: InstanceInfo, stream: RemoteStream,
-                           envelope: RequestEnvelope) -> None:
+    async def _open_stream(
+        self, info: InstanceInfo, stream: RemoteStream, envelope: RequestEnvelope
+    ) -> None:
         if info.address.startswith("nats://"):
             assert self._nats_client is not None
             subject = info.address.removeprefix("nats://")
@@ -284,12 +325,14 @@ class NatsRuntime(Runtime):
     async def publish(self, namespace: str, component: str, topic: str, message: Any) -> None:
         await self.nc.publish(event_subject(namespace, component, topic), encode_payload(message))
 
-    def subscribe(self, namespace: str, component: str, topic: str,
-                  message_type: type | None = None) -> NatsSubscription:
+    def subscribe(
+        self, namespace: str, component: str, topic: str, message_type: type | None = None
+    ) -> NatsSubscription:
         """Messages published after the subscription reached the server (``await
         sub.ready()``); decoded into ``message_type`` (default: by topic, see event_plane)."""
-        sub = NatsSubscription(self.nc, event_subject(namespace, component, topic),
-                               topic, message_type, self._subs)
+        sub = NatsSubscription(
+            self.nc, event_subject(namespace, component, topic), topic, message_type, self._subs
+        )
         return sub
 
     # -- blobs (JetStream object store) ------------------------------------------------

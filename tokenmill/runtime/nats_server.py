@@ -129,9 +129,13 @@ class NatsServer:
         if self._proc is not None:
             return self
         ports_dir = tempfile.mkdtemp(prefix="ports-", dir=self.store_dir)
-        self._proc = subprocess.Popen(self._argv(ports_dir), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      preexec_fn=_die_with_parent)
+        self._proc = subprocess.Popen(
+            self._argv(ports_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         try:
             deadline = time.monotonic() + self.config.start_timeout_s
             if self.port < 0:
@@ -143,9 +147,20 @@ class NatsServer:
         return self
 
     def _argv(self, ports_dir: str) -> list[str]:
-        argv = [find_nats_server(), "-a", self.config.host, "-p", str(self.port), "-js",
-                "-sd", os.path.join(self.store_dir, "js"), "--ports_file_dir", ports_dir,
-                "-l", os.path.join(self.store_dir, "nats-server.log")]
+        argv = [
+            find_nats_server(),
+            "-a",
+            self.config.host,
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            os.path.join(self.store_dir, "js"),
+            "--ports_file_dir",
+            ports_dir,
+            "-l",
+            os.path.join(self.store_dir, "nats-server.log"),
+        ]
         if self.config.max_payload is not None:  # not a command-line flag: a config file
             conf = os.path.join(self.store_dir, "nats-server.conf")
             Path(conf).write_text(f"max_payload: {int(self.config.max_payload)}\n")
@@ -155,11 +170,14 @@ class NatsServer:
     def _check_alive(self, deadline: float) -> None:
         assert self._proc is not None
         if self._proc.poll() is not None:
-            raise NatsServerError(f"nats-server exited with {self._proc.returncode}; "
-                                  f"log: {self.store_dir}/nats-server.log")
+            raise NatsServerError(
+                f"nats-server exited with {self._proc.returncode}; "
+                f"log: {self.store_dir}/nats-server.log"
+            )
         if time.monotonic() > deadline:
-            raise NatsServerError(f"nats-server did not answer within "
-                                  f"{self.config.start_timeout_s} s")
+            raise NatsServerError(
+                f"nats-server did not answer within {self.config.start_timeout_s} s"
+            )
 
     def _wait_port_file(self, ports_dir: str, deadline: float) -> int:
         while True:

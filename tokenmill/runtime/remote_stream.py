@@ -61,16 +61,23 @@ def error_to_chunk(request_id: str, seq: int, exc: BaseException) -> StreamChunk
     param and Retry-After; an exception that is not a registered error is sent as the
     ``InternalError`` naming its class (``core.errors.client_error``)."""
     err = client_error(exc)
-    return StreamChunk(request_id=request_id, seq=seq, final=True, error=str(err),
-                       error_code=err.code, error_param=err.param,
-                       error_retry_after_s=err.retry_after_s)  # fmt: skip
+    return StreamChunk(
+        request_id=request_id,
+        seq=seq,
+        final=True,
+        error=str(err),
+        error_code=err.code,
+        error_param=err.param,
+        error_retry_after_s=err.retry_after_s,
+    )
 
 
 def error_from_chunk(chunk: StreamChunk) -> Exception:
     """The error an error chunk carries, as its registered class (``core.errors.from_wire``;
     an unknown or missing code gives an ``InternalError`` with the message)."""
-    return from_wire(chunk.error_code or "", chunk.error or "", chunk.error_param,
-                     chunk.error_retry_after_s)  # fmt: skip
+    return from_wire(
+        chunk.error_code or "", chunk.error or "", chunk.error_param, chunk.error_retry_after_s
+    )
 
 
 class RemoteStream(ResponseStream):
@@ -85,8 +92,15 @@ class RemoteStream(ResponseStream):
     chunk, an error chunk, a failure, a sequence gap, a timeout) is raised by the read after
     the one that returned the items before it."""
 
-    def __init__(self, request_id: str, instance_id: str, *, decode: Callable[[bytes], Any],
-                 inactivity_timeout_s: float, deadline: float | None):
+    def __init__(
+        self,
+        request_id: str,
+        instance_id: str,
+        *,
+        decode: Callable[[bytes], Any],
+        inactivity_timeout_s: float,
+        deadline: float | None,
+    ):
         self.request_id, self.instance_id = request_id, instance_id
         self._decode, self._inactivity_s, self._deadline = decode, inactivity_timeout_s, deadline
         self._buffer: deque[Any] = deque()
@@ -172,9 +186,13 @@ class RemoteStream(ResponseStream):
             timer.cancel()
             self._waiter = None
         if timed_out and not self._buffer:
-            self._buffer.append(error or InstanceFailedError(
-                f"instance {self.instance_id}: no response to {self.request_id} for "
-                f"{self._inactivity_s} s"))
+            self._buffer.append(
+                error
+                or InstanceFailedError(
+                    f"instance {self.instance_id}: no response to {self.request_id} for "
+                    f"{self._inactivity_s} s"
+                )
+            )
 
     def _take(self, limit: int | None) -> list[Any]:
         """Decodes buffered chunks (up to ``limit``) until the buffer is empty or the stream
@@ -201,8 +219,10 @@ class RemoteStream(ResponseStream):
     def _accept(self, chunk: StreamChunk) -> Any:
         check_version(chunk.version)
         if chunk.seq != self._next_seq:
-            raise InstanceFailedError(f"instance {self.instance_id}: chunk {chunk.seq} of "
-                                      f"{self.request_id}, expected {self._next_seq}")
+            raise InstanceFailedError(
+                f"instance {self.instance_id}: chunk {chunk.seq} of "
+                f"{self.request_id}, expected {self._next_seq}"
+            )
         self._next_seq += 1
         if chunk.final:
             if chunk.error is not None:
@@ -311,7 +331,9 @@ class StreamRunner:
         running = self._running[key] = _Running(channel)
         running.task = asyncio.get_running_loop().create_task(self._run(envelope, running, key))
 
-    def _reject_reason(self, envelope: RequestEnvelope, key: tuple[object, str]) -> Exception | None:
+    def _reject_reason(
+        self, envelope: RequestEnvelope, key: tuple[object, str]
+    ) -> Exception | None:
         if envelope.version > WIRE_VERSION:
             return InternalError(f"wire version {envelope.version} unsupported")
         if envelope.instance_id not in self._handlers:
@@ -340,22 +362,29 @@ class StreamRunner:
             gen = handler(decode(env.payload), ctx)
             async with asyncio.timeout(None if deadline is None else _loop_time(deadline)):
                 async for item in gen:
-                    chunk = StreamChunk(request_id=env.request_id, seq=seq,
-                                        payload=encode_payload(item))
+                    chunk = StreamChunk(
+                        request_id=env.request_id, seq=seq, payload=encode_payload(item)
+                    )
                     await self._send(running, chunk)
                     seq += 1
             final = StreamChunk(request_id=env.request_id, seq=seq, final=True)
         except asyncio.CancelledError:
             if not self._closing:
                 return  # the client cancelled: it expects nothing more
-            final = error_to_chunk(env.request_id, seq, InstanceFailedError(
-                f"instance {env.instance_id} shut down during {env.request_id}"))
+            final = error_to_chunk(
+                env.request_id,
+                seq,
+                InstanceFailedError(
+                    f"instance {env.instance_id} shut down during {env.request_id}"
+                ),
+            )
         except TimeoutError as exc:
             final = error_to_chunk(env.request_id, seq, _deadline_error(env, exc, deadline))
         except Exception as exc:
             if not is_registered(exc):  # the client learns only its class: log the rest here
-                log.error("handler of %s failed on %s", env.instance_id, env.request_id,
-                          exc_info=exc)  # fmt: skip
+                log.error(
+                    "handler of %s failed on %s", env.instance_id, env.request_id, exc_info=exc
+                )
             final = error_to_chunk(env.request_id, seq, exc)
         finally:
             self._running.pop(key, None)

@@ -76,14 +76,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if len(self._buf) - self._end < _MIN_FREE:
             self._compact(max(sizehint, _MIN_FREE))
-        return memoryview(self._buf)[self._end:]
+        return memoryview(self._buf)[self._end :]
 
     def _compact(self, need: int) -> None:
         """A fresh buffer (never resized in place: the loop may still hold a view)."""
         pending = self._end - self._start
         size = max(len(self._buf), 2 * (pending + need))
         fresh = bytearray(size)
-        fresh[:pending] = self._buf[self._start:self._end]
+        fresh[:pending] = self._buf[self._start : self._end]
         self._buf, self._start, self._end = fresh, 0, pending
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -97,7 +97,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 stop = self._start + _HEADER.size + length
                 if stop > self._end:
                     break
-                body = view[self._start + _HEADER.size:stop]
+                body = view[self._start + _HEADER.size : stop]
                 self._start = stop
                 self.on_frame(kind, body)
         except Exception as exc:  # malformed frame: drop the connection
@@ -197,8 +197,9 @@ class _ServerConnection(FrameProtocol):
 class TcpServer:
     """Listens for request-plane connections and feeds requests to ``runner``."""
 
-    def __init__(self, runner: StreamRunner, *, token: str = "",
-                 ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self, runner: StreamRunner, *, token: str = "", ssl_context: ssl.SSLContext | None = None
+    ):
         self._runner, self._token, self._ssl = runner, token, ssl_context
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_ServerConnection] = set()
@@ -207,8 +208,11 @@ class TcpServer:
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self._runner, self._token, self._conns), host, port,
-            ssl=self._ssl)
+            lambda: _ServerConnection(self._runner, self._token, self._conns),
+            host,
+            port,
+            ssl=self._ssl,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -243,8 +247,11 @@ class _ClientConnection(FrameProtocol):
 
     def on_lost(self, exc: Exception | None) -> None:
         if not self.hello_ok.done():
-            self.hello_ok.set_exception(InstanceFailedError(
-                f"{self.address}: connection closed during handshake (token or TLS mismatch?)"))
+            self.hello_ok.set_exception(
+                InstanceFailedError(
+                    f"{self.address}: connection closed during handshake (token or TLS mismatch?)"
+                )
+            )
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.fail(InstanceFailedError(f"connection to {self.address} lost: {exc}"))
@@ -254,14 +261,20 @@ class _ClientConnection(FrameProtocol):
 class TcpClientPool:
     """One connection per address, opened on first use and dropped when lost."""
 
-    def __init__(self, *, token: str = "", ssl_context: ssl.SSLContext | None = None,
-                 connect_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        *,
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout_s: float = 5.0,
+    ):
         self._token, self._ssl, self._timeout_s = token, ssl_context, connect_timeout_s
         self._conns: dict[str, asyncio.Task[_ClientConnection]] = {}
         self._ids = itertools.count()
 
-    async def open_stream(self, address: str, stream: RemoteStream,
-                          envelope: RequestEnvelope) -> None:
+    async def open_stream(
+        self, address: str, stream: RemoteStream, envelope: RequestEnvelope
+    ) -> None:
         """Sends the request; binds the stream's cancel path to this connection."""
         conn = await self._connection(address)
         if conn.closed:
@@ -294,8 +307,12 @@ class TcpClientPool:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout_s):
             _, conn = await loop.create_connection(
-                lambda: _ClientConnection(address, self._lost), host, port, ssl=self._ssl,
-                server_hostname=host if self._ssl is not None else None)
+                lambda: _ClientConnection(address, self._lost),
+                host,
+                port,
+                ssl=self._ssl,
+                server_hostname=host if self._ssl is not None else None,
+            )
             conn.write(encode_frame(HELLO, Hello(token=self._token)))
             await conn.hello_ok
         return conn
@@ -321,8 +338,9 @@ def _connection_of(task: asyncio.Task[_ClientConnection]) -> _ClientConnection |
     return task.result()
 
 
-def make_ssl_contexts(cert_file: str, key_file: str,
-                      ca_file: str | None = None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def make_ssl_contexts(
+    cert_file: str, key_file: str, ca_file: str | None = None
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) contexts for the TCP plane from PEM files (the ``--tls-*`` flags):
     the server presents ``cert_file``; the client verifies it against ``ca_file`` (default:
     the certificate itself, for a self-signed deployment certificate)."""

@@ -179,8 +179,12 @@ class Replay:
         tokens, hashes, local = prompt
         rec.worker = decision.worker_id
         params = SamplingParams(max_tokens=rec.output_length, ignore_eos=True)
-        request = EngineRequest(request_id=rec.request_id, prompt_token_ids=tokens, params=params,
-                                arrival_time=self.now / 1000.0)  # fmt: skip
+        request = EngineRequest(
+            request_id=rec.request_id,
+            prompt_token_ids=tokens,
+            params=params,
+            arrival_time=self.now / 1000.0,
+        )
         worker = self.workers[decision.worker_id]
         worker.core.add_request(request, (hashes, local))
         if not worker.busy:

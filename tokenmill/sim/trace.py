@@ -106,6 +106,7 @@ class TraceTokens:
         num_full = req.input_length // self.block_size
         return seq[:num_full], local[:num_full]
 
+
 def scaled_copies(
     requests: list[TraceRequest], num_requests: int, shift_ms: float
 ) -> list[TraceRequest]:

@@ -56,8 +56,13 @@ class KvPublisherConfig:
 
 
 class KvPublisher:
-    def __init__(self, runtime: Runtime, namespace: str, component: str,
-                 config: KvPublisherConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        runtime: Runtime,
+        namespace: str,
+        component: str,
+        config: KvPublisherConfig | None = None,
+    ):
         self.runtime, self.namespace, self.component = runtime, namespace, component
         self.config = config or KvPublisherConfig()
         self.epoch = uuid.uuid4().hex[:12]
@@ -149,8 +154,9 @@ class KvPublisher:
         if start is not None and oldest <= start <= self.next_event_id:
             events = [e for e in self.ring if e.event_id >= start]
             for chunk in _chunks(events, self.config.max_chunk_bytes):
-                yield KvReplayChunk(epoch=self.epoch, next_event_id=self.next_event_id,
-                                    events=chunk)  # fmt: skip
+                yield KvReplayChunk(
+                    epoch=self.epoch, next_event_id=self.next_event_id, events=chunk
+                )
             if not events:
                 yield KvReplayChunk(epoch=self.epoch, next_event_id=self.next_event_id, events=[])
             return
@@ -164,8 +170,9 @@ class KvPublisher:
             for tier, blocks in self.blocks.items()
             for h, (parent, local) in blocks.items()
         ]
-        head = KvReplayChunk(epoch=self.epoch, next_event_id=self.next_event_id, events=[],
-                             reset=True)  # fmt: skip
+        head = KvReplayChunk(
+            epoch=self.epoch, next_event_id=self.next_event_id, events=[], reset=True
+        )
         return [head] + [
             KvReplayChunk(epoch=self.epoch, next_event_id=self.next_event_id, events=chunk)
             for chunk in _chunks(stored, self.config.max_chunk_bytes)
