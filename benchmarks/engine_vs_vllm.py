@@ -69,7 +69,7 @@ def vllm_worker(model_dir: str, dtype: str, threads: int, concurrency: int) -> N
         groups = job["groups"]  # prompts in one group run together; groups run one by one
         start, outs = time.perf_counter(), []
         for group in groups:
-            res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in group], params)
+            res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in group], params, use_tqdm=False)
             outs.extend(list(r.outputs[0].token_ids) for r in res)
         elapsed = time.perf_counter() - start
         print(json.dumps({"seconds": elapsed, "token_ids": outs}), flush=True)

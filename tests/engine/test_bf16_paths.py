@@ -139,6 +139,12 @@ def test_upcast_threshold_rule():
     assert tuning._upcast_threshold([3, 2, 4, 9], [2, 1, 3, 5]) == 1
 
 
+def test_packing_rule():
+    assert tuning._packing_wins([1, 2, 4, 10], [2, 3, 4, 9])  # faster overall, within slack
+    assert not tuning._packing_wins([1, 2, 4, 20], [2, 3, 4, 9])  # one probe much slower
+    assert not tuning._packing_wins([2, 3, 4, 9], [2, 3, 4, 9])  # no gain
+
+
 def test_plan_is_default_outside_cpu_bf16(models):
     config = models["fp32"].config
     assert tuning.bf16_linear_plan(config, torch.float32, torch.device("cpu")) == LinearPlan()
