@@ -136,8 +136,12 @@ class PagedAttention:
 
     def _decode_groups(self, decodes: list[SeqSlice]) -> list[DecodeBatch]:
         """Groups of ``decode_group_size`` rows: small enough that a group's gathered K/V stays
-        in cache between the gather and the SDPA that reads it."""
+        in cache between the gather and the SDPA that reads it. With more than one group, rows
+        are grouped by context length, so that a group pads to little more than its own
+        rows' lengths (padding is gathered and attended like real keys)."""
         n = self.decode_group_size
+        if len(decodes) > n:
+            decodes = sorted(decodes, key=lambda s: s.ctx_len)
         return [self._decode_batch(decodes[i : i + n]) for i in range(0, len(decodes), n)]
 
     def _decode_batch(self, decodes: list[SeqSlice]) -> DecodeBatch:
