@@ -54,7 +54,7 @@ class DecodeBatch:
 
     rows: slice | Tensor  # a slice when the rows are contiguous in T, else [B] long
     gather: Tensor  # [B, L] long, slot ids (0 where padded)
-    mask: Tensor | None  # [B, 1, 1, L] bool, True where a real key; None if nothing is padded
+    bias: Tensor | None  # [B, 1, 1, L] fp32, 0 at a real key, -inf at padding; None if no pad
 
 
 @dataclass
@@ -150,16 +150,17 @@ class PagedAttention:
         gather = torch.zeros((len(decodes), max_len), dtype=torch.long)  # [B, L]
         for i, s in enumerate(decodes):
             gather[i, : s.ctx_len] = s.slots
-        mask = None
+        bias = None
         if any(s.ctx_len != max_len for s in decodes):
             lens = torch.tensor([s.ctx_len for s in decodes])  # [B]
-            mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-            mask = mask[:, None, None, :].to(self.device)  # [B, 1, 1, L]
+            pad = torch.arange(max_len).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+            bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))  # [B, L]
+            bias = bias[:, None, None, :].to(self.device)  # [B, 1, 1, L]
         starts = [s.q_start for s in decodes]
         rows: slice | Tensor = slice(starts[0], starts[0] + len(starts))
         if starts != list(range(starts[0], starts[0] + len(starts))):
             rows = torch.tensor(starts, dtype=torch.long, device=self.device)
-        return DecodeBatch(rows, gather.to(self.device), mask)
+        return DecodeBatch(rows, gather.to(self.device), bias)
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         layout = self._layout
@@ -203,16 +204,30 @@ class PagedAttention:
         return o[0].transpose(0, 1)  # [q_len, Hq, D]
 
     def _attend_decode(self, d: DecodeBatch, q: Tensor, k_flat, v_flat) -> Tensor:
-        """All decode rows at once: queries grouped per KV head so no K/V repeat is needed."""
+        """A group of decode rows: queries grouped per KV head so no K/V repeat is needed.
+
+        Two matmuls over head-major contiguous K/V, softmax in fp32 (transformers' eager
+        attention: scores in the cache dtype, probabilities rounded to it for P @ V). For
+        these shapes (G = 3 queries per KV head, L in the hundreds) CPU SDPA's flash kernel
+        cost 2.4x the matmuls in bf16 (0.53 vs 0.22 ms for 8 rows of 480 keys, 1 thread),
+        and a matmul over the strided gather 3.4x the one over a contiguous copy."""
         qd = q[d.rows] if isinstance(d.rows, slice) else q.index_select(0, d.rows)  # [B, Hq, D]
         (b, hq, head_dim), num_kv = qd.shape, k_flat.shape[1] // q.shape[2]
         qd = qd.view(b, num_kv, hq // num_kv, head_dim)  # [B, Hkv, G, D]
-        kv_shape = (b * d.gather.shape[1], num_kv, head_dim)
-        ks = _rows(k_flat, d.gather.reshape(-1), kv_shape).view(b, -1, num_kv, head_dim)
-        vs = _rows(v_flat, d.gather.reshape(-1), kv_shape).view(b, -1, num_kv, head_dim)
-        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, Hkv, L, D]
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=d.mask, scale=self.scale)
-        return o.reshape(b, hq, head_dim)  # [B, Hq, D]
+        ks = self._head_major(k_flat, d.gather, num_kv, head_dim)  # [B, Hkv, L, D]
+        vs = self._head_major(v_flat, d.gather, num_kv, head_dim)  # [B, Hkv, L, D]
+        scores = torch.matmul(qd, ks.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, L]
+        if d.bias is not None:
+            scores += d.bias
+        probs = torch.softmax(scores, dim=-1).to(vs.dtype)  # [B, Hkv, G, L]
+        return torch.matmul(probs, vs).reshape(b, hq, head_dim)  # [B, Hq, D]
+
+    @staticmethod
+    def _head_major(flat: Tensor, gather: Tensor, num_kv: int, head_dim: int) -> Tensor:
+        """Gathers ``gather`` [B, L] slots of a [slots, Hkv*D] view into [B, Hkv, L, D]."""
+        b, length = gather.shape
+        rows = flat.index_select(0, gather.reshape(-1))  # [B*L, Hkv*D]
+        return rows.view(b, length, num_kv, head_dim).transpose(1, 2).contiguous()
 
 
 def _is_pure_decode(layout: ForwardLayout, num_tokens: int) -> bool:
