@@ -132,11 +132,12 @@ def test_packed_linear_is_bf16_gemm(num_tokens):
 
 
 def test_upcast_threshold_rule():
-    # probes (1, 8, 64, 256): the upcast must win at a probe and every larger one
+    # probes (1, 8, 64, 256): the upcast must win clearly at a probe and every larger one
     assert tuning._upcast_threshold([1, 1, 1, 1], [2, 2, 2, 2]) is None
-    assert tuning._upcast_threshold([1, 2, 4, 9], [2, 1, 3, 5]) == 8
+    assert tuning._upcast_threshold([1, 2, 4, 9], [2, 1, 2, 5]) == 8
     assert tuning._upcast_threshold([1, 2, 4, 9], [2, 1, 5, 5]) == 256
-    assert tuning._upcast_threshold([3, 2, 4, 9], [2, 1, 3, 5]) == 1
+    assert tuning._upcast_threshold([4, 2, 4, 9], [2, 1, 2, 5]) == 1
+    assert tuning._upcast_threshold([3, 2, 4, 9], [2.5, 1.5, 3, 7]) is None  # noise, not a win
 
 
 def test_packing_rule():

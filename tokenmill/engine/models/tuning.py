@@ -31,6 +31,9 @@ from tokenmill.engine.models.config import ModelConfig
 # Token counts probed, increasing: single-stream decode, decode batches, prefill chunks.
 PROBE_TOKENS = (1, 8, 64, 256)
 _REPEATS = 5
+# The upcast must win clearly: where it matters (no native bf16) it won 5-8x from T=8 on,
+# while one noisy probe on a shared machine once made it "win" on AVX512-BF16 (3x slower).
+_UPCAST_MARGIN = 1.5
 _PACK_SLACK = 1.25  # a probe this much slower with packing means packing is not for here
 
 
@@ -91,10 +94,11 @@ def _packing_wins(packed: list[float], plain: list[float]) -> bool:
 
 
 def _upcast_threshold(native: list[float], upcast: list[float]) -> int | None:
-    """The smallest probe from which the upcast wins at every larger probe, else None."""
+    """The smallest probe from which the upcast wins (by ``_UPCAST_MARGIN``) at every larger
+    probe, else None."""
     threshold = None
     for i in reversed(range(len(PROBE_TOKENS))):
-        if upcast[i] >= native[i]:
+        if upcast[i] * _UPCAST_MARGIN >= native[i]:
             break
         threshold = PROBE_TOKENS[i]
     return threshold
