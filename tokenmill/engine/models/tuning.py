@@ -47,7 +47,19 @@ def bf16_linear_plan(config: ModelConfig, dtype: torch.dtype, device: torch.devi
     """The measured plan for bf16 on a CPU; the default plan (plain ``F.linear``) otherwise."""
     if dtype != torch.bfloat16 or device.type != "cpu":
         return LinearPlan()
-    return _measure(2 * config.intermediate_size, config.hidden_size, torch.get_num_threads())
+    return _measure_one_thread(2 * config.intermediate_size, config.hidden_size)
+
+
+def _measure_one_thread(out_features: int, in_features: int) -> LinearPlan:
+    """Measured on one thread: the choice is about kernels, not threading, and a thread
+    descheduled by another process stalls every multi-threaded op until it runs again, which
+    made 2-thread probes on the shared 2-core box flip the answer from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(out_features, in_features)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -61,8 +73,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 @functools.cache
-def _measure(out_features: int, in_features: int, num_threads: int) -> LinearPlan:
-    del num_threads  # part of the cache key only
+def _measure(out_features: int, in_features: int) -> LinearPlan:
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g).bfloat16()  # [out, in]
     packed = _try_pack(weight)
