@@ -36,6 +36,7 @@ from pathlib import Path
 
 DEFAULT_TRACE = Path("/work/shared/data/traces/8min_up_and_down.jsonl")
 DEFAULT_OUT = Path("benchmarks/results/engine_vs_vllm.json")
+ENGINE_JSON = Path("benchmarks/results/engine.json")  # ``tokenmill bench engine``'s results
 DEFAULT_HF_DIR = Path("/tmp/tokenmill-smollm2-hf")
 WORKLOADS = ("single", "c32")
 
@@ -264,7 +265,13 @@ def main(argv=None) -> None:
     p.add_argument("--check-prompts", type=int, default=4)
     p.add_argument("--check-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--merge-into", type=Path, default=ENGINE_JSON,
+                   help="JSON file that gets a 'vs_vllm' summary key (if it exists)")  # fmt: skip
+    p.add_argument("--merge-only", action="store_true", help="summarize an existing --out")
     args = p.parse_args(argv)
+    if args.merge_only:
+        merge_summary(json.loads(args.out.read_text()), args.merge_into, args.out)
+        return
     model_dir = export_hf_dir(args.model_dir)
     from tokenmill.engine.tokenizer import Tokenizer
 
@@ -287,8 +294,31 @@ def main(argv=None) -> None:
     result["load_avg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    merge_summary(result, args.merge_into, args.out)
     print(json.dumps({d: {w: r[w].get("ratio_tokenmill_over_vllm") for w in WORKLOADS}
                       for d, r in result["runs"].items()}))  # fmt: skip
+
+
+def merge_summary(result: dict, target: Path, source: Path) -> None:
+    """Adds ``vs_vllm`` (medians and ratios per dtype and workload) to ``target``, keeping
+    the rest of that file as it is; does nothing if ``target`` does not exist."""
+    if not target.is_file():
+        return
+    data = json.loads(target.read_text())
+    data["vs_vllm"] = {
+        "source": str(source),
+        "machine": result["machine"],
+        "load_avg_before": result["load_avg_before"],
+        "load_avg_after": result.get("load_avg_after"),
+        "runs": {
+            dtype: {w: {k: v for k, v in run[w].items() if k != "tok_s_runs"} for w in WORKLOADS}
+            | ({"token_check": {k: run["token_check"][k] for k in ("num_equal", "num_prompts",
+                                                                   "num_tokens")}}
+               if "token_check" in run else {})  # fmt: skip
+            for dtype, run in result["runs"].items()
+        },
+    }
+    target.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _engines(args, model_dir: Path, dtype: str, prompts) -> dict:

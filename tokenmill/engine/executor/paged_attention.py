@@ -9,19 +9,21 @@ One forward is laid out by ``PagedAttention.prepare(...)`` (once per step, not p
     T tokens = seq0 [q_start0 : q_start0 + q_len0] | seq1 [...] | ...
     seq i attends over its positions 0 .. ctx_len_i - 1, where the last q_len_i are new
 
-Decode rows (``q_len == 1``) are attended in padded, batched SDPA calls over groups of
-``decode_group_size`` rows (gather the slots of each row into ``[G, L_max, Hkv, D]``, mask the
-padding; the queries of one KV head's group ride as SDPA's query length, so K/V are never
-repeated for GQA). Rows with ``q_len > 1`` (prefill chunks) get one SDPA call each, causal
-with the cached prefix in front; without a prefix their k/v are used directly (no gather).
+Decode rows (``q_len == 1``) are attended in batched calls over groups of
+``decode_group_size`` rows of similar context length (rows sorted by length when there is
+more than one group, so padding stays small): the slots of each row are gathered into
+contiguous head-major ``[G, Hkv, L_max, D]`` K/V, and the queries of one KV head's group ride
+as the matmul's rows, so K/V are never repeated for GQA; scores and P @ V are two matmuls with
+the softmax in fp32 (transformers' eager attention), padding masked by an additive -inf bias.
+Rows with ``q_len > 1`` (prefill chunks) get one SDPA call each, causal with the cached
+prefix in front; without a prefix their k/v are used directly (no gather).
 
-Measured on the 2 shared CPU cores at the default model's shape (one layer, 32 decode rows,
-mean context 340; ``decode_attention`` in ``benchmarks/results/engine.json``; the machine
-was loaded, so ±40%): fp32 groups of 4 15-24 ms, groups of 8 25-33 ms, per sequence 19-29
-ms, all 32 at once 24-38 ms (a small group's gathered K/V stays in cache between the gather
-and the SDPA that reads it); bf16 groups of 4-8 ~25 ms vs 74 ms per sequence. Groups of 8
-are the default (what the recorded benchmark ran); 4 looks better for fp32 and is worth
-re-measuring on a quiet machine. ``batched_decode=False`` keeps the per-sequence path.
+Measured on the 2 shared CPU cores at the default model's shape (one group of 8 rows, 480
+keys, 1 thread, bf16): gather 0.06 ms per K or V; CPU SDPA's flash kernel 0.53 ms on the
+strided gather vs 0.22 ms for the two matmuls on a contiguous copy (0.75 ms on the strided
+view). Groups of 8 stay the default: 8 and 16 measured alike, 32 at once ~1.7x slower (a
+small group's K/V stays in cache between the gather and the matmuls that read it).
+``batched_decode=False`` keeps the per-sequence SDPA path.
 
 On CUDA the same code runs; ``prepare`` builds every index tensor (slots, decode gathers,
 padding masks) on the CPU and copies each to the device once, instead of launching a small
