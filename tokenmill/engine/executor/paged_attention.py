@@ -9,19 +9,21 @@ One forward is laid out by ``PagedAttention.prepare(...)`` (once per step, not p
     T tokens = seq0 [q_start0 : q_start0 + q_len0] | seq1 [...] | ...
     seq i attends over its positions 0 .. ctx_len_i - 1, where the last q_len_i are new
 
-Decode rows (``q_len == 1``) are attended in padded, batched SDPA calls over groups of
-``decode_group_size`` rows (gather the slots of each row into ``[G, L_max, Hkv, D]``, mask the
-padding; the queries of one KV head's group ride as SDPA's query length, so K/V are never
-repeated for GQA). Rows with ``q_len > 1`` (prefill chunks) get one SDPA call each, causal
-with the cached prefix in front; without a prefix their k/v are used directly (no gather).
+Decode rows (``q_len == 1``) are attended in batched calls over groups of
+``decode_group_size`` rows of similar context length (rows sorted by length when there is
+more than one group, so padding stays small): the slots of each row are gathered into
+contiguous head-major ``[G, Hkv, L_max, D]`` K/V, and the queries of one KV head's group ride
+as the matmul's rows, so K/V are never repeated for GQA; scores and P @ V are two matmuls with
+the softmax in fp32 (transformers' eager attention), padding masked by an additive -inf bias.
+Rows with ``q_len > 1`` (prefill chunks) get one SDPA call each, causal with the cached
+prefix in front; without a prefix their k/v are used directly (no gather).
 
-Measured on the 2 shared CPU cores at the default model's shape (one layer, 32 decode rows,
-mean context 340; ``decode_attention`` in ``benchmarks/results/engine.json``; the machine
-was loaded, so ±40%): fp32 groups of 4 15-24 ms, groups of 8 25-33 ms, per sequence 19-29
-ms, all 32 at once 24-38 ms (a small group's gathered K/V stays in cache between the gather
-and the SDPA that reads it); bf16 groups of 4-8 ~25 ms vs 74 ms per sequence. Groups of 8
-are the default (what the recorded benchmark ran); 4 looks better for fp32 and is worth
-re-measuring on a quiet machine. ``batched_decode=False`` keeps the per-sequence path.
+Measured on the 2 shared CPU cores at the default model's shape (one group of 8 rows, 480
+keys, 1 thread, bf16): gather 0.06 ms per K or V; CPU SDPA's flash kernel 0.53 ms on the
+strided gather vs 0.22 ms for the two matmuls on a contiguous copy (0.75 ms on the strided
+view). Groups of 8 stay the default: 8 and 16 measured alike, 32 at once ~1.7x slower (a
+small group's K/V stays in cache between the gather and the matmuls that read it).
+``batched_decode=False`` keeps the per-sequence SDPA path.
 
 On CUDA the same code runs; ``prepare`` builds every index tensor (slots, decode gathers,
 padding masks) on the CPU and copies each to the device once, instead of launching a small
@@ -54,7 +56,7 @@ class DecodeBatch:
 
     rows: slice | Tensor  # a slice when the rows are contiguous in T, else [B] long
     gather: Tensor  # [B, L] long, slot ids (0 where padded)
-    mask: Tensor | None  # [B, 1, 1, L] bool, True where a real key; None if nothing is padded
+    bias: Tensor | None  # [B, 1, 1, L] fp32, 0 at a real key, -inf at padding; None if no pad
 
 
 @dataclass
@@ -136,8 +138,12 @@ class PagedAttention:
 
     def _decode_groups(self, decodes: list[SeqSlice]) -> list[DecodeBatch]:
         """Groups of ``decode_group_size`` rows: small enough that a group's gathered K/V stays
-        in cache between the gather and the SDPA that reads it."""
+        in cache between the gather and the SDPA that reads it. With more than one group, rows
+        are grouped by context length, so that a group pads to little more than its own
+        rows' lengths (padding is gathered and attended like real keys)."""
         n = self.decode_group_size
+        if len(decodes) > n:
+            decodes = sorted(decodes, key=lambda s: s.ctx_len)
         return [self._decode_batch(decodes[i : i + n]) for i in range(0, len(decodes), n)]
 
     def _decode_batch(self, decodes: list[SeqSlice]) -> DecodeBatch:
@@ -146,16 +152,17 @@ class PagedAttention:
         gather = torch.zeros((len(decodes), max_len), dtype=torch.long)  # [B, L]
         for i, s in enumerate(decodes):
             gather[i, : s.ctx_len] = s.slots
-        mask = None
+        bias = None
         if any(s.ctx_len != max_len for s in decodes):
             lens = torch.tensor([s.ctx_len for s in decodes])  # [B]
-            mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-            mask = mask[:, None, None, :].to(self.device)  # [B, 1, 1, L]
+            pad = torch.arange(max_len).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+            bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))  # [B, L]
+            bias = bias[:, None, None, :].to(self.device)  # [B, 1, 1, L]
         starts = [s.q_start for s in decodes]
         rows: slice | Tensor = slice(starts[0], starts[0] + len(starts))
         if starts != list(range(starts[0], starts[0] + len(starts))):
             rows = torch.tensor(starts, dtype=torch.long, device=self.device)
-        return DecodeBatch(rows, gather.to(self.device), mask)
+        return DecodeBatch(rows, gather.to(self.device), bias)
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         layout = self._layout
@@ -199,16 +206,30 @@ class PagedAttention:
         return o[0].transpose(0, 1)  # [q_len, Hq, D]
 
     def _attend_decode(self, d: DecodeBatch, q: Tensor, k_flat, v_flat) -> Tensor:
-        """All decode rows at once: queries grouped per KV head so no K/V repeat is needed."""
+        """A group of decode rows: queries grouped per KV head so no K/V repeat is needed.
+
+        Two matmuls over head-major contiguous K/V, softmax in fp32 (transformers' eager
+        attention: scores in the cache dtype, probabilities rounded to it for P @ V). For
+        these shapes (G = 3 queries per KV head, L in the hundreds) CPU SDPA's flash kernel
+        cost 2.4x the matmuls in bf16 (0.53 vs 0.22 ms for 8 rows of 480 keys, 1 thread),
+        and a matmul over the strided gather 3.4x the one over a contiguous copy."""
         qd = q[d.rows] if isinstance(d.rows, slice) else q.index_select(0, d.rows)  # [B, Hq, D]
         (b, hq, head_dim), num_kv = qd.shape, k_flat.shape[1] // q.shape[2]
         qd = qd.view(b, num_kv, hq // num_kv, head_dim)  # [B, Hkv, G, D]
-        kv_shape = (b * d.gather.shape[1], num_kv, head_dim)
-        ks = _rows(k_flat, d.gather.reshape(-1), kv_shape).view(b, -1, num_kv, head_dim)
-        vs = _rows(v_flat, d.gather.reshape(-1), kv_shape).view(b, -1, num_kv, head_dim)
-        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, Hkv, L, D]
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=d.mask, scale=self.scale)
-        return o.reshape(b, hq, head_dim)  # [B, Hq, D]
+        ks = self._head_major(k_flat, d.gather, num_kv, head_dim)  # [B, Hkv, L, D]
+        vs = self._head_major(v_flat, d.gather, num_kv, head_dim)  # [B, Hkv, L, D]
+        scores = torch.matmul(qd, ks.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, L]
+        if d.bias is not None:
+            scores += d.bias
+        probs = torch.softmax(scores, dim=-1).to(vs.dtype)  # [B, Hkv, G, L]
+        return torch.matmul(probs, vs).reshape(b, hq, head_dim)  # [B, Hq, D]
+
+    @staticmethod
+    def _head_major(flat: Tensor, gather: Tensor, num_kv: int, head_dim: int) -> Tensor:
+        """Gathers ``gather`` [B, L] slots of a [slots, Hkv*D] view into [B, Hkv, L, D]."""
+        b, length = gather.shape
+        rows = flat.index_select(0, gather.reshape(-1))  # [B*L, Hkv*D]
+        return rows.view(b, length, num_kv, head_dim).transpose(1, 2).contiguous()
 
 
 def _is_pure_decode(layout: ForwardLayout, num_tokens: int) -> bool:

@@ -50,10 +50,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> ExecutorOutput:
         """``logits``: [N, V] float32, row i belongs to ``rows[i]``."""
         out = ExecutorOutput()
-        # -inf entries are legal (masked tokens); NaN, +inf or an all -inf row are not
-        finite = (
-            ~torch.isnan(logits).any(dim=-1) & torch.isfinite(logits.max(dim=-1).values)
-        ).tolist()
+        # -inf entries are legal (masked tokens); NaN, +inf or an all -inf row are not. One
+        # reduction serves the check and the greedy choice (max propagates NaN, and like
+        # argmax returns the first maximal index), and one host transfer brings both back.
+        best, best_ids = logits.max(dim=-1)  # [N] each
+        finite, argmax = torch.stack((torch.isfinite(best).long(), best_ids)).tolist()
         keep = [i for i, ok in enumerate(finite) if ok]
         for i, ok in enumerate(finite):
             if not ok:
@@ -63,8 +64,9 @@ class Sampler:
         if len(keep) < len(rows):
             logits = logits[keep]  # [N', V]
             rows = [rows[i] for i in keep]
+            argmax = [argmax[i] for i in keep]
         processed = self._process(logits, rows)  # [N', V]
-        tokens = self._choose(processed, rows)
+        tokens = self._choose(processed, rows, argmax if processed is logits else None)
         for row, tok in zip(rows, tokens, strict=True):
             out.sampled[row.request_id] = [tok]
         self._add_logprobs(out, logits, rows, tokens)
@@ -103,8 +105,11 @@ class Sampler:
 
     # -- choosing a token -------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()  # [N]
+    def _choose(
+        self, logits: torch.Tensor, rows: list[SamplingRow], argmax: list[int] | None
+    ) -> list[int]:
+        """``argmax``: the rows' argmax when already known (unprocessed logits)."""
+        greedy = logits.argmax(dim=-1).tolist() if argmax is None else list(argmax)  # [N]
         random_idx = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not random_idx:
             return greedy

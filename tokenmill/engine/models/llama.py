@@ -13,15 +13,18 @@ back), except that RoPE is always applied in fp32: casting the rotary tables to 
 greedy text drift after a dozen tokens (ARCHITECTURE.md). q/k/v and gate/up projections are
 stored fused (one matmul each) so a decode step issues fewer, larger GEMMs.
 
-bf16 on a CPU without native bf16 (AVX2): a bf16 GEMM costs about the same per token as
-a whole GEMV (measured on the 2-core box, the 4 matrices of one layer: 1.1 ms at T=1,
-7.4 ms at T=8, 155 ms at T=128), while upcasting the weights to fp32 on the fly costs
-~1.4 ms per layer whatever T. So ``linear`` keeps bf16 GEMMs below
-``BF16_UPCAST_MIN_TOKENS`` tokens (decode) and computes in fp32 at or above it (prefill,
-batched decode), rounding the result back to bf16 (single-stream prefill of 128 tokens of
-SmolLM2-135M: TTFT 3.1 s -> 0.6 s). Both paths accumulate in fp32 and round once per matmul,
-so in bf16 mode a row's values may depend on how many tokens share its forward only through
-summation order (bit-identical on the tiny test model); fp32 mode is unaffected.
+bf16 on a CPU: whether a bf16 GEMM beats upcasting the weights to fp32 on the fly depends on
+the CPU. Without native bf16 (AVX2) a bf16 GEMM cost about as much per token as a whole GEMV
+(the 4 matrices of one SmolLM2 layer: 1.1 ms at T=1, 7.4 ms at T=8, 155 ms at T=128) while
+the upcast cost ~1.4 ms per layer whatever T, so fp32 math won from 8 tokens on; with
+AVX512-BF16 or AMX the native bf16 GEMM wins at every T (measured on the 2-core AMD EPYC box:
+0.5 ms vs 1.7 ms at T=8, 5.2 ms vs 12.7 ms at T=128), and the per-call weight conversion was
+22% of a batched step. So the rule is measured per machine when the model is built
+(:func:`tokenmill.engine.models.tuning.bf16_upcast_min_tokens`): ``linear`` computes in fp32
+and rounds back to bf16 from ``upcast_min_tokens`` tokens on (None: never). Both paths
+accumulate in fp32 and round once per matmul, so in bf16 mode a row's values may depend on
+how many tokens share its forward only through summation order (bit-identical on the tiny
+test model); fp32 mode is unaffected.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from torch import Tensor, nn
 from tokenmill.core.errors import ModelLoadError
 from tokenmill.engine.models.attention import AttentionBackend
 from tokenmill.engine.models.config import ModelConfig, RopeScaling
+from tokenmill.engine.models.tuning import LinearPlan, bf16_linear_plan, pack_weight, packed_linear
 
-# CPU bf16 forwards with at least this many tokens run their matmuls in fp32 (module doc);
-# crossover measured between 4 and 8 tokens.
+# The rule for CPUs without native bf16 (module doc), where the crossover measured between
+# 4 and 8 tokens; the model's own rule is measured at build time.
 BF16_UPCAST_MIN_TOKENS = 8
 
 # Checkpoint tensors that carry nothing the model needs (old Llama 2 exports save the
@@ -51,12 +55,22 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | No
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    upcast_min_tokens: int | None = BF16_UPCAST_MIN_TOKENS,
+    packed: Tensor | None = None,
+) -> Tensor:
     """``F.linear`` [T, in] -> [T, out], except that a CPU bf16 forward of at least
-    ``BF16_UPCAST_MIN_TOKENS`` rows computes in fp32 and rounds back (module doc)."""
+    ``upcast_min_tokens`` rows (None: never) computes in fp32 and rounds back, and that
+    ``packed`` (``weight`` pre-packed for oneDNN, same values) is used where given (module doc)."""
+    if packed is not None and (upcast_min_tokens is None or x.shape[0] < upcast_min_tokens):
+        return packed_linear(x, packed, bias)  # [T, out]
     if (
         weight.dtype != torch.bfloat16
-        or x.shape[0] < BF16_UPCAST_MIN_TOKENS
+        or upcast_min_tokens is None
+        or x.shape[0] < upcast_min_tokens
         or weight.device.type != "cpu"
     ):
         return F.linear(x, weight, bias)
@@ -114,15 +128,24 @@ class RMSNorm(nn.Module):
         shape = self.weight.shape
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, shape, self.weight, self.eps)
+        if x.device.type == "cpu":
+            # on the CPU the fused kernel computes a bf16 input in fp32 and rounds once:
+            # bit-identical to the upcast below (checked on 15 shapes, D 64..4096), two ops
+            # fewer per norm (120 per decode step of SmolLM2)
+            return self.weight * F.rms_norm(x, shape, eps=self.eps)
         return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
     """Fused qkv projection, optional q/k norm, RoPE, backend attention, output projection."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device, upcast_min_tokens
+    ):
         super().__init__()
         self.layer_idx = layer_idx
+        self.upcast_min_tokens = upcast_min_tokens
+        self.packed: dict[str, Tensor] = {}  # filled by LlamaForCausalLM.pack_weights
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
@@ -138,11 +161,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         num_tokens = x.shape[0]
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+        packed = self.packed.get("qkv")
+        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.upcast_min_tokens, packed)  # [T, q+2kv]
         q, k = self._rotated_qk(qkv, cos, sin)  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, -1)
         out = attn(self.layer_idx, q, k, v)  # [T, Hq, D]
-        return linear(out.reshape(num_tokens, self.q_size), self.o_weight)  # [T, hidden]
+        out = out.reshape(num_tokens, self.q_size)  # [T, Hq * D]
+        packed = self.packed.get("o")  # [T, hidden] below
+        return linear(out, self.o_weight, None, self.upcast_min_tokens, packed)  # [T, hidden]
 
     def _rotated_qk(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """q and k rotated by one ``apply_rope`` over their adjacent columns (half the small
@@ -160,26 +186,32 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device, upcast_min_tokens):
         super().__init__()
+        self.upcast_min_tokens = upcast_min_tokens
+        self.packed: dict[str, Tensor] = {}  # filled by LlamaForCausalLM.pack_weights
         self.gate_up_weight = _param(
             (2 * config.intermediate_size, config.hidden_size), dtype, device
         )
         self.down_weight = _param((config.hidden_size, config.intermediate_size), dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [T, I] each
-        return linear(F.silu(gate) * up, self.down_weight)  # [T, hidden]
+        upcast, packed = self.upcast_min_tokens, self.packed
+        gate_up = linear(x, self.gate_up_weight, None, upcast, packed.get("gate_up"))  # [T, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+        return linear(F.silu(gate) * up, self.down_weight, None, upcast, packed.get("down"))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, device, upcast_min_tokens
+    ):
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, device)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, device, upcast_min_tokens)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device, upcast_min_tokens)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)  # [T, hidden]
@@ -193,6 +225,9 @@ class LlamaForCausalLM(nn.Module):
     uninitialized). ``forward`` returns final-normed hidden states; ``compute_logits`` turns
     the rows the caller needs (usually one per sequence) into fp32 logits. Pick the dtype
     and device at construction: ``module.to(dtype)`` would also cast the fp32 rotary buffer.
+    ``plan``: how CPU bf16 matmuls run (module doc); None measures it on this machine
+    (only for bf16 on the CPU, where it matters). ``load_weights`` packs the weights if the
+    plan says so.
     """
 
     def __init__(
@@ -201,12 +236,19 @@ class LlamaForCausalLM(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        plan: LinearPlan | None = None,
     ):
         super().__init__()
         self.config = config
+        if plan is None:
+            plan = bf16_linear_plan(config, dtype, torch.device(device or "cpu"))
+        self.plan = plan
+        self.upcast_min_tokens = plan.upcast_min_tokens
+        self.packed: dict[str, Tensor] = {}  # the LM head's, filled by pack_weights
         self.embed_tokens = _param((config.vocab_size, config.hidden_size), dtype, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, dtype, device, self.upcast_min_tokens)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         tied = config.tie_word_embeddings
@@ -231,7 +273,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab] (matmul in the weights' dtype)."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return linear(hidden, weight).float()  # [N, vocab]
+        packed = self.packed.get("lm_head")
+        return linear(hidden, weight, None, self.upcast_min_tokens, packed).float()  # [N, V]
 
     def load_weights(self, weights: Mapping[str, Tensor]) -> None:
         """Copy Hugging Face-named tensors into the (fused) parameters.
@@ -248,6 +291,19 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             for name, dest in targets.items():
                 dest.copy_(weights[name])
+        if self.plan.packed:
+            self.pack_weights()
+
+    def pack_weights(self) -> None:
+        """oneDNN-packed copies of every matmul weight (the parameters stay, for the
+        embedding and for inspection); call again after changing a parameter."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        self.packed = {"lm_head": pack_weight(head)}
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.packed = {"qkv": pack_weight(attn.qkv_weight), "o": pack_weight(attn.o_weight)}
+            mlp.packed = {"gate_up": pack_weight(mlp.gate_up_weight),
+                          "down": pack_weight(mlp.down_weight)}  # fmt: skip
 
     def _weight_targets(self) -> dict[str, Tensor]:
         """HF tensor name -> the parameter (or row slice of a fused parameter) it fills."""
