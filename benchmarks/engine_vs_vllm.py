@@ -70,7 +70,9 @@ def vllm_worker(model_dir: str, dtype: str, threads: int, concurrency: int) -> N
         groups = job["groups"]  # prompts in one group run together; groups run one by one
         start, outs = time.perf_counter(), []
         for group in groups:
-            res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in group], params, use_tqdm=False)
+            res = llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in group], params, use_tqdm=False
+            )
             outs.extend(list(r.outputs[0].token_ids) for r in res)
         elapsed = time.perf_counter() - start
         print(json.dumps({"seconds": elapsed, "token_ids": outs}), flush=True)
@@ -80,8 +82,15 @@ class VllmProcess:
     """The vLLM worker subprocess; ``run`` sends one job and waits for its answer."""
 
     def __init__(self, python: str, model_dir: Path, dtype: str, threads: int, concurrency: int):
-        cmd = [python, __file__, "--vllm-worker", str(model_dir), dtype, str(threads),
-               str(concurrency)]  # fmt: skip
+        cmd = [
+            python,
+            __file__,
+            "--vllm-worker",
+            str(model_dir),
+            dtype,
+            str(threads),
+            str(concurrency),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen(
@@ -242,10 +251,19 @@ def token_check(engines: dict, prompts, n_prompts: int, n_tokens: int) -> dict:
     for i in range(n_prompts):
         a, b = ids["tokenmill"][i], ids["vllm"][i]
         diverge = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), None)
-        per_prompt.append({"prompt_tokens": len(prompts[i]), "equal": diverge is None,
-                           "first_divergence": diverge})  # fmt: skip
-    return {"num_equal": sum(p["equal"] for p in per_prompt), "num_prompts": n_prompts,
-            "num_tokens": n_tokens, "prompts": per_prompt}  # fmt: skip
+        per_prompt.append(
+            {
+                "prompt_tokens": len(prompts[i]),
+                "equal": diverge is None,
+                "first_divergence": diverge,
+            }
+        )
+    return {
+        "num_equal": sum(p["equal"] for p in per_prompt),
+        "num_prompts": n_prompts,
+        "num_tokens": n_tokens,
+        "prompts": per_prompt,
+    }
 
 
 def main(argv=None) -> None:
@@ -265,8 +283,12 @@ def main(argv=None) -> None:
     p.add_argument("--check-prompts", type=int, default=4)
     p.add_argument("--check-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--merge-into", type=Path, default=ENGINE_JSON,
-                   help="JSON file that gets a 'vs_vllm' summary key (if it exists)")  # fmt: skip
+    p.add_argument(
+        "--merge-into",
+        type=Path,
+        default=ENGINE_JSON,
+        help="JSON file that gets a 'vs_vllm' summary key (if it exists)",
+    )
     p.add_argument("--merge-only", action="store_true", help="summarize an existing --out")
     args = p.parse_args(argv)
     if args.merge_only:
@@ -278,15 +300,22 @@ def main(argv=None) -> None:
     prompts = trace_prompts(
         Tokenizer.from_hf_dir(model_dir), args.num_prompts, args.min_tokens, args.max_prompt_tokens
     )
-    result = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": _machine(),
-              "load_avg_before": os.getloadavg(), "runs": {}}  # fmt: skip
+    result = {
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "machine": _machine(),
+        "load_avg_before": os.getloadavg(),
+        "runs": {},
+    }
     result["config"]["prompt_tokens"] = [len(x) for x in prompts]
-    for dtype, rounds in zip(args.dtypes.split(","), map(int, args.rounds.split(",")), strict=False):
+    for dtype, rounds in zip(
+        args.dtypes.split(","), map(int, args.rounds.split(",")), strict=False
+    ):
         engines = _engines(args, model_dir, dtype, prompts)
         run = interleaved(engines, prompts, args, dtype, rounds)
         if dtype == "fp32" and "vllm" in engines:
-            run["token_check"] = token_check(engines, prompts, args.check_prompts,
-                                             args.check_tokens)  # fmt: skip
+            run["token_check"] = token_check(
+                engines, prompts, args.check_prompts, args.check_tokens
+            )
         result["runs"][dtype] = run
         for e in engines.values():
             getattr(e, "close", lambda: None)()
@@ -295,8 +324,14 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     merge_summary(result, args.merge_into, args.out)
-    print(json.dumps({d: {w: r[w].get("ratio_tokenmill_over_vllm") for w in WORKLOADS}
-                      for d, r in result["runs"].items()}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                d: {w: r[w].get("ratio_tokenmill_over_vllm") for w in WORKLOADS}
+                for d, r in result["runs"].items()
+            }
+        )
+    )
 
 
 def merge_summary(result: dict, target: Path, source: Path) -> None:
@@ -312,9 +347,15 @@ def merge_summary(result: dict, target: Path, source: Path) -> None:
         "load_avg_after": result.get("load_avg_after"),
         "runs": {
             dtype: {w: {k: v for k, v in run[w].items() if k != "tok_s_runs"} for w in WORKLOADS}
-            | ({"token_check": {k: run["token_check"][k] for k in ("num_equal", "num_prompts",
-                                                                   "num_tokens")}}
-               if "token_check" in run else {})  # fmt: skip
+            | (
+                {
+                    "token_check": {
+                        k: run["token_check"][k] for k in ("num_equal", "num_prompts", "num_tokens")
+                    }
+                }
+                if "token_check" in run
+                else {}
+            )
             for dtype, run in result["runs"].items()
         },
     }
@@ -341,8 +382,12 @@ def _machine() -> dict:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__}  # fmt: skip
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 if __name__ == "__main__":

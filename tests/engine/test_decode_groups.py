@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TEST_DEVICE
+from helpers.tiny_models import TEST_DEVICE
 
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.executor.model_runner import ModelRunner, StepSeq
@@ -35,7 +35,9 @@ def test_sorted_decode_groups_match_reference(loaded):
         loaded.model, loaded.config, 64, 4, torch.float32, loaded.device, decode_group_size=2
     )
     tables = [list(range(i * 12, (i + 1) * 12)) for i in range(len(seqs))]
-    prefill = [StepSeq(f"s{i}", ids, 0, tables[i], True, GREEDY, ids, []) for i, ids in enumerate(seqs)]
+    prefill = [
+        StepSeq(f"s{i}", ids, 0, tables[i], True, GREEDY, ids, []) for i, ids in enumerate(seqs)
+    ]
     nxt = [int(row.argmax()) for row in runner.forward_logits(prefill)]
     decode = [
         StepSeq(f"s{i}", [nxt[i]], len(ids), tables[i], True, GREEDY, ids, [nxt[i]])

@@ -162,7 +162,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         num_tokens = x.shape[0]
         packed = self.packed.get("qkv")
-        qkv = linear(x, self.qkv_weight, self.qkv_bias, self.upcast_min_tokens, packed)  # [T, q+2kv]
+        qkv = linear(
+            x, self.qkv_weight, self.qkv_bias, self.upcast_min_tokens, packed
+        )  # [T, q+2kv]
         q, k = self._rotated_qk(qkv, cos, sin)  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, -1)
         out = attn(self.layer_idx, q, k, v)  # [T, Hq, D]
@@ -302,8 +304,10 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.packed = {"qkv": pack_weight(attn.qkv_weight), "o": pack_weight(attn.o_weight)}
-            mlp.packed = {"gate_up": pack_weight(mlp.gate_up_weight),
-                          "down": pack_weight(mlp.down_weight)}  # fmt: skip
+            mlp.packed = {
+                "gate_up": pack_weight(mlp.gate_up_weight),
+                "down": pack_weight(mlp.down_weight),
+            }
 
     def _weight_targets(self) -> dict[str, Tensor]:
         """HF tensor name -> the parameter (or row slice of a fused parameter) it fills."""
