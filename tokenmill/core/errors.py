@@ -105,12 +105,12 @@ class PromptTooLongError(ContextLengthExceededError):
     tokens, more than the ``max_num_tokens`` allowed (not registered: it travels as a
     ``ContextLengthExceededError``; the frontend rewords it with the context length)."""
 
-    def __init__(self, num_tokens_at_least: int, max_num_tokens: int | None = None):
+    def __init__(self, num_tokens_at_least: int, max_num_tokens: int):
         super().__init__(
             f"the prompt has at least {num_tokens_at_least} tokens, more than the "
             f"{max_num_tokens} allowed"
         )
-        self.num_tokens_at_least, self.max_num_tokens = num_tokens_at_least, max_num_tokens
+        self.num_tokens_at_least = num_tokens_at_least
 
 
 class DuplicateRequestError(InvalidRequestError):

@@ -56,8 +56,7 @@ class _Stream:
     num_prompt_tokens: int
     want_logprobs: bool
     added_at: float = 0.0  # the clock's time at add_request
-    queue_time_s: float | None = None  # added_at to first scheduled; None: not yet
-    queue_time_sent: bool = False  # on the first output
+    queue_time_s: float | None = None  # added_at to first scheduled; None once it was sent
 
 
 @dataclass(slots=True)
@@ -137,8 +136,9 @@ class EngineCore:
         ``prompt_hashes``: the prompt's block hashes if the caller has them (see
         ``Scheduler.add_request``; trusted, not recomputed)."""
         self.validate(request)
+        now = self.clock()
         if request.arrival_time is None:
-            request = _with_arrival(request, self.clock())
+            request = _with_arrival(request, now)
         self.scheduler.add_request(request, prompt_hashes)
         params = request.params
         detok = None
@@ -150,7 +150,7 @@ class EngineCore:
                 request.prompt_token_ids,
             )
         self._streams[request.request_id] = _Stream(
-            detok, len(request.prompt_token_ids), params.logprobs is not None, self.clock()
+            detok, len(request.prompt_token_ids), params.logprobs is not None, now
         )
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
@@ -191,11 +191,11 @@ class EngineCore:
         return outputs
 
     def _stamp_scheduled(self, sched) -> None:
-        """Queue time of the requests scheduled for the first time in this step."""
+        """Queue time of the requests scheduled for the first time in this step (sent, and
+        cleared, with each one's first output)."""
         now = None
         for s in sched.scheduled:
-            stream = self._streams.get(s.request_id)
-            if stream is not None and stream.queue_time_s is None:
+            if s.is_first_schedule and (stream := self._streams.get(s.request_id)) is not None:
                 now = self.clock() if now is None else now
                 stream.queue_time_s = now - stream.added_at
 
@@ -231,9 +231,7 @@ class EngineCore:
         if finish is not None:
             del self._streams[rid]
         logprobs = result.logprobs.get(rid) if stream.want_logprobs else None
-        queue_time_s = None
-        if not stream.queue_time_sent:
-            queue_time_s, stream.queue_time_sent = stream.queue_time_s, True
+        queue_time_s, stream.queue_time_s = stream.queue_time_s, None  # first output only
         return RequestOutput(
             request_id=rid,
             new_token_ids=update.new_token_ids,

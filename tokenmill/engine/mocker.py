@@ -22,9 +22,9 @@ in the offline replay, instead of being added to it.
 
 ``decode_run_length`` / ``advance_decode`` are the replay's exact shortcut over a mocker
 core's scheduler: k pure-decode steps in which nothing but the token counts changes (no
-allocation, no block becoming full, no finish, nobody waiting: no KV event, no first token,
-no finish, nothing the replay records) are applied to the request states directly, giving exactly the state k
-``EngineCore.step`` rounds would. They touch ``Request`` fields the scheduler owns, so they
+allocation, no block becoming full, no finish, nobody waiting: so no KV event, no first
+token, nothing the replay records) are applied to the request states directly, giving
+exactly the state k ``EngineCore.step`` rounds would. They touch ``Request`` fields the scheduler owns, so they
 live here, next to the one user that needs them, and are tested against stepping.
 """
 
@@ -227,8 +227,7 @@ class MockExecutor(Executor):
         }
 
     def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
-        if scheduler_output.finished_request_ids:
-            self.tokens.release(scheduler_output.finished_request_ids)
+        self.release(scheduler_output.finished_request_ids)
         self.last_step_ms = step_ms(self.timing, scheduler_output)
         if self.pacer is not None:
             self.pacer.pace(self.last_step_ms)

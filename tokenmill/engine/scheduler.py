@@ -97,8 +97,9 @@ class Scheduler:
         self, request: EngineRequest, prompt_hashes: tuple[list[int], list[int]] | None = None
     ) -> Request:
         """Queue a request. Raises ``DuplicateRequestError`` for a duplicate id (an unfinished
-        request's, or a finished one's whose blocks are still held) or an empty prompt and
-        ``ContextLengthExceededError`` for a prompt over ``max_model_len``.
+        request's, or a finished one's whose blocks are still held), ``InvalidRequestError``
+        for an empty prompt and ``ContextLengthExceededError`` for a prompt over
+        ``max_model_len``.
 
         ``prompt_hashes``: optional ``(block_hashes, local_hashes)`` of the prompt's full
         blocks at this engine's block size and the request's salt (``core.block_hash``), so
@@ -122,7 +123,8 @@ class Scheduler:
         return state
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
-        """Finish the given unfinished requests with ABORT, freeing their blocks at once.
+        """Finish the given unfinished requests with ABORT; their blocks are freed at once, or
+        held while the connector asks (``_free_finished``).
         Unknown or already finished ids are ignored. Returns the requests aborted."""
         return self.finish_requests(request_ids, FinishReason.ABORT)
 
@@ -132,8 +134,8 @@ class Scheduler:
         reason: FinishReason,
         stop_reason: int | str | None = None,
     ) -> list[Request]:
-        """Finish requests decided outside (stop string, error, abort): blocks freed at once,
-        output tokens kept. Unknown ids are ignored. Returns the requests finished."""
+        """Finish requests decided outside (stop string, error, abort): blocks freed at once
+        (or held for the connector), output tokens kept. Unknown ids are ignored. Returns the requests finished."""
         done = [self.requests[i] for i in dict.fromkeys(request_ids) if i in self.requests]
         for request in done:
             if request.status is _RUNNING:

@@ -71,6 +71,12 @@ class ScheduledRequest:
         return self.request.all_token_ids[self.position : self.position + self.num_tokens]
 
     @property
+    def is_first_schedule(self) -> bool:
+        """Admitted for the first time this step (not a later chunk, not a resume after a
+        preemption)."""
+        return self.num_held_blocks == 0 and self.request.num_preemptions == 0
+
+    @property
     def is_decode(self) -> bool:
         """A single token past the prompt: computing the last sampled token. (A resumed,
         preempted request whose cache hit leaves one token looks the same; ``SchedulerOutput``
@@ -125,7 +131,7 @@ class SchedulerOutput:
                 params=item.request.params,
             )
             for item in self.scheduled
-            if item.num_held_blocks == 0 and item.request.num_preemptions == 0
+            if item.is_first_schedule
         ]
         return StepPlan(
             scheduled=[_plan_of(item) for item in self.scheduled],

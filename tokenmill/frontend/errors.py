@@ -5,7 +5,7 @@ server faults are 5xx.
 The status, ``type`` and ``code`` come from the error's class in ``core.errors``' registry,
 the ``param`` from the error, so an error rebuilt from the wire (a worker in another
 process) answers exactly as the one raised in-process. ``HttpError`` is the frontend's own
-error (401, 404, 413, 499, a 400 of the HTTP layer): it never crosses a process, and sets
+error (401, 404, 413, a 400 of the HTTP layer): it never crosses a process, and sets
 the same attributes per instance. Anything else is an internal error naming only its class.
 503s carry ``Retry-After``: the error's own ``retry_after_s`` (a shed request), else the
 server's default.

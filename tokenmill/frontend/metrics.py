@@ -123,6 +123,11 @@ class ModelMetrics:
         self.itl = metrics.itl.labels(model)
         self.e2e = metrics.e2e.labels(model)
         self.queue_time = metrics.queue_time.labels(model)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.generated_tokens = metrics.generated_tokens.labels(model)
+        self.cached_tokens = metrics.cached_tokens.labels(model)
+        self.prompt_length = metrics.prompt_length.labels(model)
+        self.generation_length = metrics.generation_length.labels(model)
         self._finish = metrics.finish_reasons
         self._finishes: dict[str, Any] = {}  # reason -> its counter child
 
@@ -157,6 +162,7 @@ class FrontendMetrics:
     def __init__(self) -> None:
         prometheus_client.disable_created_metrics()  # no *_created series (process-wide)
         self.registry = r = CollectorRegistry()
+        self._models: dict[str, ModelMetrics] = {}
         self.requests = Counter(
             "tokenmill_requests",
             "HTTP requests by endpoint, status and model",
@@ -235,17 +241,22 @@ class FrontendMetrics:
         self.router_overhead.observe(seconds)
 
     def for_model(self, model: str) -> ModelMetrics:
-        return ModelMetrics(self, model)
+        """The metrics of ``model`` (made once per name)."""
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = ModelMetrics(self, model)
+        return found
 
     def observe_usage(
         self, model: str, num_prompt: int, num_generated: int, num_cached: int
     ) -> None:
         """One request that completed: its token counts."""
-        self.prompt_tokens.labels(model).inc(num_prompt)
-        self.generated_tokens.labels(model).inc(num_generated)
-        self.cached_tokens.labels(model).inc(num_cached)
-        self.prompt_length.labels(model).observe(num_prompt)
-        self.generation_length.labels(model).observe(num_generated)
+        m = self.for_model(model)
+        m.prompt_tokens.inc(num_prompt)
+        m.generated_tokens.inc(num_generated)
+        m.cached_tokens.inc(num_cached)
+        m.prompt_length.observe(num_prompt)
+        m.generation_length.observe(num_generated)
 
     def render(self, loads: Iterable[WorkerLoad]) -> bytes:
         loads = self._preemptions.loads = list(loads)

@@ -4,11 +4,11 @@ loop); token-id prompts are validated at C speed, on the loop.
 
 Every rejection is an ``InvalidRequestError`` naming the field (HTTP 400), or
 ``ContextLengthExceededError`` when prompt + max_tokens exceed the model's context: a text
-that provably cannot fit (``TokenizerLike.min_num_tokens``) is rejected before it is
+that provably cannot fit (``engine.tokenizer.Tokenizer.min_num_tokens``) is rejected before it is
 tokenized, so a 4 MB body costs microseconds, not seconds of tokenizer time.
 
 Chat: text in the messages is tokenized as text (a message spelling ``<|im_end|>`` cannot
-end its turn); ``parse_special_tokens: true`` in the request opts in to today's raw
+end its turn); ``parse_special_tokens: true`` in the request opts in to the former raw
 behaviour, for clients that really send special tokens in content.
 """
 

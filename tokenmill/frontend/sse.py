@@ -27,7 +27,7 @@ from tokenmill.core.errors import ClientDisconnectedError
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-__all__ = ["SSE_DONE", "ClientDisconnectedError", "SSEResponse", "cancel_on_disconnect"]
+__all__ = ["SSE_DONE", "SSEResponse", "cancel_on_disconnect"]
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 
 from tokenmill.launch.event_loop import EVENT_LOOPS
-from tokenmill.launch.specs import MOCKER_DEFAULTS, EngineSettings
+from tokenmill.launch.specs import (
+    KEEP_ALIVE_S,
+    MOCKER_DEFAULTS,
+    REAL_DEFAULTS,
+    EngineSettings,
+    HttpSpec,
+    RuntimeSpec,
+    WorkerSpec,
+)
+from tokenmill.launch.supervision import RestartPolicy
 from tokenmill.router.router import ROUTER_MODES
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-# Longer than the idle timeout of common client pools (aiohttp 15 s, httpx 5 s, load
-# balancers 60 s): the client closes an idle connection first. With uvicorn's 5 s a client
-# could reuse a connection the server was closing, and that request failed
-# (``connection_dropped`` in tokenmill bench serve).
-KEEP_ALIVE_S = 65.0
+__all__ = ["KEEP_ALIVE_S"]  # re-exported: the HTTP flags' keep-alive default
 ENGINE_KINDS = ("real", "mocker", "echo")  # == engines.ENGINES (a test checks)
 KV_ROUTER_MODES = tuple(m for m in ROUTER_MODES if m != "round-robin")
 
@@ -114,12 +117,12 @@ def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> No
     def d(name: str) -> int | float | None:
         return None if defaults is None else getattr(defaults, name)
 
-    m = MOCKER_DEFAULTS
+    m, r = MOCKER_DEFAULTS, REAL_DEFAULTS
     p.add_argument(
         "--block-size",
         type=POSITIVE_INT,
         default=d("block_size"),
-        help=f"tokens per KV block (mocker {m.block_size}, real 16)",
+        help=f"tokens per KV block (mocker {m.block_size}, real {r.block_size})",
     )
     p.add_argument(
         "--num-blocks",
@@ -131,7 +134,7 @@ def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> No
         "--max-num-batched-tokens",
         type=POSITIVE_INT,
         default=d("max_num_batched_tokens"),
-        help=f"tokens per step (mocker {m.max_num_batched_tokens}, real 2048)",
+        help=f"tokens per step (mocker {m.max_num_batched_tokens}, real {r.max_num_batched_tokens})",
     )
     p.add_argument(
         "--max-num-seqs",
@@ -143,26 +146,32 @@ def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> No
         "--watermark",
         type=FRACTION,
         default=d("watermark"),
-        help=f"pool fraction kept free at admission (mocker {m.watermark}, real 0)",
+        help=f"pool fraction kept free at admission (mocker {m.watermark}, real {r.watermark:g})",
     )
 
 
 def add_http(p: Parser) -> None:
     """The HTTP server of ``serve`` / ``frontend``."""
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=PORT, default=DEFAULT_PORT)
-    add_event_loop(p, "asyncio")
+    d = HttpSpec
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=PORT, default=d.port)
+    add_event_loop(p, d.event_loop)
     p.add_argument(
         "--timeout-keep-alive",
         type=POSITIVE,
-        default=KEEP_ALIVE_S,
+        default=d.timeout_keep_alive_s,
         help="seconds an idle HTTP connection stays open",
     )
-    p.add_argument("--shutdown-timeout", type=NON_NEGATIVE, default=30.0, help="drain time on exit")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=NON_NEGATIVE,
+        default=d.shutdown_timeout_s,
+        help="drain time on exit",
+    )
     p.add_argument(
         "--header-timeout",
         type=POSITIVE,
-        default=30.0,
+        default=d.header_timeout_s,
         help="seconds to receive a request's headers (from the connection or the "
         "request's first byte); 408 and close after",
     )
@@ -216,12 +225,17 @@ def add_router_mode(
 
 def add_runtime(p: Parser, nats_help: str = "NATS server URL, e.g. nats://10.0.0.1:4222") -> None:
     """The NATS runtime of ``worker`` / ``frontend`` / ``router`` (``--nats`` required)."""
+    d = RuntimeSpec
     p.add_argument("--nats", required=True, help=nats_help)
-    p.add_argument("--namespace", default="tokenmill")
-    p.add_argument("--listen-host", default="127.0.0.1", help="TCP request plane bind address")
-    p.add_argument("--advertise-host", default=None, help="address others dial (multi-host)")
-    p.add_argument("--plane-token", default="", help="shared token of the TCP request plane")
-    p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp")
+    p.add_argument("--namespace", default=d.namespace)
+    p.add_argument("--listen-host", default=d.listen_host, help="TCP request plane bind address")
+    p.add_argument(
+        "--advertise-host", default=d.advertise_host, help="address others dial (multi-host)"
+    )
+    p.add_argument(
+        "--plane-token", default=d.plane_token, help="shared token of the TCP request plane"
+    )
+    p.add_argument("--request-plane", choices=("tcp", "nats"), default=d.request_plane)
 
 
 def add_fleet(p: Parser) -> None:
@@ -236,13 +250,13 @@ def add_fleet(p: Parser) -> None:
     p.add_argument(
         "--worker-event-loop",
         choices=EVENT_LOOPS,
-        default="uvloop",
+        default=WorkerSpec.event_loop,
         help="with --workers: the worker processes' event loop",
     )
     p.add_argument(
         "--worker-restarts",
         type=NON_NEGATIVE_INT,
-        default=5,
+        default=RestartPolicy.max_restarts,
         help="with --workers: restarts of a dead worker (or of the embedded NATS) "
         "within --restart-window before the server gives up and exits 1; 0: dead "
         "workers are not replaced",
@@ -250,13 +264,16 @@ def add_fleet(p: Parser) -> None:
     p.add_argument(
         "--restart-window",
         type=POSITIVE,
-        default=300.0,
+        default=RestartPolicy.window_s,
         help="seconds over which --worker-restarts counts",
     )
 
 
 def add_worker(p: Parser) -> None:
     """One worker process's identity and shutdown."""
-    p.add_argument("--instance-id", default=None, help="default: a random id")
-    p.add_argument("--drain-timeout", type=NON_NEGATIVE, default=30.0, help="seconds, on SIGTERM")
-    add_event_loop(p, "uvloop")
+    d = WorkerSpec
+    p.add_argument("--instance-id", default=d.instance_id, help="default: a random id")
+    p.add_argument(
+        "--drain-timeout", type=NON_NEGATIVE, default=d.drain_timeout_s, help="seconds, on SIGTERM"
+    )
+    add_event_loop(p, d.event_loop)

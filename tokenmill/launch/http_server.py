@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -75,12 +74,14 @@ def make_server(app: Any, http: HttpSpec, drain: Drain | None = None) -> Any:
 
 
 def _timeout_response(seconds: float) -> bytes:
+    """The raw 408 answer, its JSON from the one error mapping (``frontend.errors.classify``)."""
+    from tokenmill.frontend.errors import classify, encode
+
     err = RequestTimeoutError(f"the request headers did not arrive within {seconds:g} s")
-    body = json.dumps(
-        {"error": {"message": str(err), "type": err.type, "param": None, "code": err.openai_code}}
-    ).encode()
+    status, error_json, _ = classify(err)
+    body = encode(error_json)
     head = (
-        f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} Request Timeout\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body

@@ -106,14 +106,22 @@ class EngineSpec:
         return argv
 
 
+# Longer than the idle timeout of common client pools (aiohttp 15 s, httpx 5 s, load
+# balancers 60 s): the client closes an idle connection first. With uvicorn's 5 s a client
+# could reuse a connection the server was closing, and that request failed
+# (``connection_dropped`` in tokenmill bench serve).
+KEEP_ALIVE_S = 65.0
+
+
 @dataclass(frozen=True)
 class HttpSpec:
-    """The uvicorn server of ``serve`` / ``frontend``."""
+    """The uvicorn server of ``serve`` / ``frontend``. The defaults are the flags' defaults
+    (``flags.add_http`` reads them from here)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     event_loop: str = "asyncio"
-    timeout_keep_alive_s: float = 65.0
+    timeout_keep_alive_s: float = KEEP_ALIVE_S
     shutdown_timeout_s: float = 30.0  # in-flight streams' drain time on SIGTERM
     header_timeout_s: float = 30.0  # a request's headers, from its first byte; 408 after
 
@@ -134,7 +142,7 @@ WORKER_COMPONENT = "backend"  # the discovery component of worker endpoints
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """How a process joins a deployment over NATS."""
+    """How a process joins a deployment over NATS (defaults: ``flags.add_runtime``'s)."""
 
     nats_url: str
     namespace: str = "tokenmill"
@@ -182,7 +190,8 @@ class RouterSpec:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """One worker process: identity, drain time on SIGTERM, event loop."""
+    """One worker process: identity, drain time on SIGTERM, event loop (defaults:
+    ``flags.add_worker``'s)."""
 
     instance_id: str | None = None
     drain_timeout_s: float = 30.0

@@ -1,5 +1,5 @@
 """Wire structs of KV events and router state on the event plane (see ``worker/kv_publisher``
-and ``frontend/kv_events``, ``frontend/replicas``).
+and ``routing/kv_events``, ``routing/replicas``).
 
 - topic ``kv``: ``KvEventBatch``, a worker instance's live KV events (consecutive ids within
   an ``epoch``; a new epoch means the worker restarted its numbering);

@@ -138,7 +138,7 @@ class PagedAttention:
 
     def _decode_groups(self, decodes: list[SeqSlice]) -> list[DecodeBatch]:
         """Groups of ``decode_group_size`` rows: small enough that a group's gathered K/V stays
-        in cache between the gather and the SDPA that reads it. With more than one group, rows
+        in cache between the gather and the matmuls that read it. With more than one group, rows
         are grouped by context length, so that a group pads to little more than its own
         rows' lengths (padding is gathered and attended like real keys)."""
         n = self.decode_group_size

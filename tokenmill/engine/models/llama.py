@@ -65,15 +65,14 @@ def linear(
     """``F.linear`` [T, in] -> [T, out], except that a CPU bf16 forward of at least
     ``upcast_min_tokens`` rows (None: never) computes in fp32 and rounds back, and that
     ``packed`` (``weight`` pre-packed for oneDNN, same values) is used where given (module doc)."""
-    if packed is not None and (upcast_min_tokens is None or x.shape[0] < upcast_min_tokens):
-        return packed_linear(x, packed, bias)  # [T, out]
-    if (
-        weight.dtype != torch.bfloat16
-        or upcast_min_tokens is None
-        or x.shape[0] < upcast_min_tokens
-        or weight.device.type != "cpu"
-    ):
-        return F.linear(x, weight, bias)
+    upcast = (
+        upcast_min_tokens is not None
+        and x.shape[0] >= upcast_min_tokens
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+    )
+    if not upcast:  # packed weights exist only for CPU bf16 plans
+        return F.linear(x, weight, bias) if packed is None else packed_linear(x, packed, bias)
     bias32 = None if bias is None else bias.float()
     return F.linear(x.float(), weight.float(), bias32).to(x.dtype)  # [T, out]
 
