@@ -33,6 +33,8 @@ RequestTimeoutError        request_timeout           408     invalid_request_err
 ClientDisconnectedError    client_disconnected       499     invalid_request_error  no
 EngineError                engine_error              500     internal_error         no
 ModelLoadError             model_load_error          500     internal_error         no
+KvTransferUnavailableError kv_transfer_unavailable   500     internal_error         no
+KvLayoutMismatchError      kv_layout_mismatch        500     internal_error         no
 InternalError              internal_error            500     internal_error         no
 =========================  ========================  ======  =====================  =========
 
@@ -215,6 +217,20 @@ class ModelLoadError(TokenmillError):
 
     code = "model_load_error"
     expose_message = False
+
+
+class KvTransferUnavailableError(TokenmillError):
+    """A prefill or decode role was asked for where the KV transfer library (NIXL) cannot
+    load; the message says why and how to install it (aggregated serving still works)."""
+
+    code = "kv_transfer_unavailable"
+
+
+class KvLayoutMismatchError(TokenmillError):
+    """A worker's KV layout (dtype, block size, layers, KV heads, head dim) differs from the
+    layout of the prefill/decode pools it would join: blocks cannot move between them."""
+
+    code = "kv_layout_mismatch"
 
 
 class InternalError(TokenmillError):

@@ -90,3 +90,11 @@ class KvTransferParams(msgspec.Struct, frozen=True, kw_only=True):
     def for_decode(self) -> KvTransferParams:
         """The parameters as a decode worker's request carries them."""
         return msgspec.structs.replace(self, do_remote_decode=False, do_remote_prefill=True)
+
+
+class KvTransferReport(msgspec.Struct, frozen=True, array_like=True):
+    """On a decode worker's first output of a request whose KV it loaded: what moved."""
+
+    num_bytes: int
+    seconds: float
+    num_blocks: int

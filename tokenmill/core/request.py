@@ -8,7 +8,7 @@ import enum
 
 import msgspec
 
-from tokenmill.core.kv_transfer import KvTransferParams
+from tokenmill.core.kv_transfer import KvTransferParams, KvTransferReport
 from tokenmill.core.sampling import SamplingParams
 
 REQUEST_VERSION = 1
@@ -54,7 +54,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     engine that does not measure it): seconds from its arrival in the engine to its first
     scheduling (waiting for a batch slot or for free KV blocks).
     ``kv_transfer_params``: on the last output of a prefill worker's request whose blocks
-    it holds for a decode worker: where to read them from.
+    it holds for a decode worker: where to read them from. ``kv_transfer``: on a decode
+    worker's first output of a request whose KV it loaded, the bytes, seconds and blocks.
     """
 
     request_id: str
@@ -70,6 +71,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     version: int = REQUEST_VERSION
     queue_time_s: float | None = None
     kv_transfer_params: KvTransferParams | None = None
+    kv_transfer: KvTransferReport | None = None
 
     @property
     def finished(self) -> bool:

@@ -231,6 +231,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         num_cached_tokens=last.num_cached_tokens,
         queue_time_s=outputs[0].queue_time_s,
         kv_transfer_params=last.kv_transfer_params,
+        kv_transfer=next((o.kv_transfer for o in outputs if o.kv_transfer), None),
     )
 
 

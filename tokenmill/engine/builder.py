@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tokenmill.core.events import KvEventSink, null_sink
+from tokenmill.core.kv_transfer import KvLayout
 from tokenmill.engine.async_engine import DEFAULT_OUTPUT_INTERVAL_S, AsyncEngine
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.core import Decode, EngineCore
@@ -147,6 +148,37 @@ def build_mock_core(
         connector=connector,
         worker_connector=worker_connector,
     )
+
+
+def kv_layout(model_config, dtype_name: str, block_size: int) -> KvLayout:
+    """The KV layout of an engine over ``model_config`` (a ``ModelConfig``) in ``dtype_name``
+    (``float32``, ``bfloat16``, ``float16``): what a prefill/decode pool must agree on."""
+    return KvLayout(
+        dtype=dtype_name,
+        block_size=block_size,
+        num_layers=model_config.num_layers,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+    )
+
+
+def build_pd_connectors(
+    layout: KvLayout,
+    transfer_timeout_s: float,
+    agent_name: str | None = None,
+    clock: Clock = time.monotonic,
+) -> tuple[SchedulerConnector, WorkerConnector]:
+    """The two sides of the disaggregation connector (``kv.pd_connector`` and
+    ``engine.executor.nixl_connector``). Raises ``KvTransferUnavailableError`` where NIXL
+    cannot load. ``agent_name`` None: a fresh unique name."""
+    import uuid
+
+    from tokenmill.engine.executor.nixl_connector import NixlWorkerConnector  # torch, NIXL
+    from tokenmill.kv.pd_connector import PdSchedulerConnector
+
+    name = agent_name or f"tokenmill-{uuid.uuid4().hex[:12]}"
+    worker = NixlWorkerConnector(name, layout, transfer_timeout_s, clock)
+    return PdSchedulerConnector(layout, transfer_timeout_s, clock), worker
 
 
 def build_async_engine(

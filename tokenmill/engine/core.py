@@ -49,6 +49,7 @@ from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
 from tokenmill.engine.executor.base import Executor, ExecutorOutput
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import RequestUpdate, SchedulerOutput
+from tokenmill.kv.connector import NULL_CONNECTOR
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,9 @@ class EngineCore:
         transfer = update.kv_transfer_params
         if transfer is not None:
             transfer = self.executor.kv_connector.complete_transfer_params(transfer)
+        report = None
+        if queue_time_s is not None and self.scheduler.connector is not NULL_CONNECTOR:
+            report = self.executor.kv_connector.take_load_report(rid)
         return RequestOutput(
             request_id=rid,
             new_token_ids=update.new_token_ids,
@@ -275,6 +279,7 @@ class EngineCore:
             num_cached_tokens=update.num_cached_tokens,
             queue_time_s=queue_time_s,
             kv_transfer_params=transfer,
+            kv_transfer=report,
         )
 
     def _terminal(self, rid: str, reason: FinishReason, request, error: str | None = None):

@@ -352,6 +352,8 @@ class Scheduler:
         num_external, is_async = self.connector.get_num_new_matched_tokens(request, num_cached)
         if num_external and is_async:
             return self._park(request, computed, num_cached, num_external, reserve)
+        if not num_external:
+            self.connector.request_not_loaded(request)
         num_new = request.num_tokens - num_cached - num_external
         if num_new > budget:
             if not self.config.enable_chunked_prefill:
@@ -513,11 +515,13 @@ class Scheduler:
         it makes them releasable, or ``release_held_blocks``), freed now otherwise. A held
         request's ``kv_transfer_result`` is what the connector says its output carries."""
         block_ids = self.kv.get_block_ids(request.request_id)
-        if block_ids and self.connector.request_finished(request, block_ids):
+        if not block_ids:
+            self.connector.request_not_loaded(request)  # finished before admission
+        elif self.connector.request_finished(request, block_ids):
             self.kv.hold(request.request_id)
             request.kv_transfer_result = self.connector.transfer_params(request.request_id)
-        else:
-            self.kv.free(request.request_id)
+            return
+        self.kv.free(request.request_id)
 
     def _drop_finished_running(self) -> None:
         self.running = [r for r in self.running if r.status is _RUNNING]

@@ -47,6 +47,7 @@ _LATENCY_BUCKETS = (
 )
 # token counts per request: 1, 2, 5, 10, ... 200k
 _LENGTH_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))
+_BYTES_BUCKETS = tuple(float(1 << e) for e in range(12, 31, 2))  # 4 KiB .. 1 GiB
 _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1, 1.0)
 
 
@@ -130,6 +131,27 @@ class ModelMetrics:
         self.generation_length = metrics.generation_length.labels(model)
         self._finish = metrics.finish_reasons
         self._finishes: dict[str, Any] = {}  # reason -> its counter child
+        self._disagg = metrics.disagg_decisions
+        self._decisions: dict[tuple[bool, str], Any] = {}
+        self.disagg_fallbacks = _Labelled(metrics.disagg_fallbacks, model)
+        self.kv_releases = metrics.kv_releases.labels(model)
+        self.kv_transfer_seconds = metrics.kv_transfer_seconds.labels(model)
+        self.kv_transfer_bytes = metrics.kv_transfer_bytes.labels(model)
+
+    def observe_disagg(self, remote: bool, reason: str) -> None:
+        """One conditional-disaggregation decision (``router.disagg``)."""
+        counter = self._decisions.get((remote, reason))
+        if counter is None:
+            where = "remote" if remote else "local"
+            counter = self._decisions[(remote, reason)] = self._disagg.labels(
+                self.model, where, reason
+            )
+        counter.inc()
+
+    def observe_kv_transfer(self, report: Any) -> None:
+        """One decode worker's KV load (``core.kv_transfer.KvTransferReport``)."""
+        self.kv_transfer_seconds.observe(report.seconds)
+        self.kv_transfer_bytes.observe(report.num_bytes)
 
     def finished(self, reason: str) -> None:
         """One choice ended with ``reason`` (stop, length, abort, error)."""
@@ -137,6 +159,16 @@ class ModelMetrics:
         if counter is None:
             counter = self._finishes[reason] = self._finish.labels(self.model, reason)
         counter.inc()
+
+
+class _Labelled:
+    """A counter's children for one model, by one more label."""
+
+    def __init__(self, counter: Counter, model: str):
+        self._counter, self._model = counter, model
+
+    def labels(self, value: str) -> Any:
+        return self._counter.labels(self._model, value)
 
 
 class _Preemptions:
@@ -156,6 +188,14 @@ class _Preemptions:
         for load in self.loads:
             family.add_metric([load.instance_id], load.num_preemptions)
         yield family
+        failures = CounterMetricFamily(
+            "tokenmill_kv_load_failures",
+            "KV loads from a prefill worker that failed and were recomputed, by worker",
+            labels=["worker"],
+        )
+        for load in self.loads:
+            failures.add_metric([load.instance_id], load.num_kv_load_failures)
+        yield failures
 
 
 class FrontendMetrics:
@@ -232,6 +272,41 @@ class FrontendMetrics:
         self.router_decisions = Counter(
             "tokenmill_router_decisions", "routing decisions by worker", ["worker"], registry=r
         )
+        self.disagg_decisions = Counter(
+            "tokenmill_disagg_decisions",
+            "where requests prefilled (remote on a prefill worker, or local), by reason",
+            ["model", "prefill", "reason"],
+            registry=r,
+        )
+        self.disagg_fallbacks = Counter(
+            "tokenmill_disagg_fallbacks",
+            "remote prefills that failed and prefilled locally instead, by cause",
+            ["model", "cause"],
+            registry=r,
+        )
+        self.kv_releases = Counter(
+            "tokenmill_kv_transfer_releases",
+            "prefill workers' held blocks freed at once by the frontend (decode leg failed, "
+            "rejected or the client left)",
+            model,
+            registry=r,
+        )
+        self.kv_transfer_seconds = FastHistogram(
+            "tokenmill_kv_transfer_seconds",
+            "KV READ of one request by its decode worker (start to checked)",
+            _LATENCY_BUCKETS,
+            r,
+            model,
+        )
+        self.kv_transfer_bytes = FastHistogram(
+            "tokenmill_kv_transfer_bytes", "KV bytes moved per request", _BYTES_BUCKETS, r, model
+        )
+        self.kv_held_blocks = Gauge(
+            "tokenmill_kv_held_blocks",
+            "KV blocks a worker holds for transfers of finished requests",
+            ["worker"],
+            registry=r,
+        )
         self.router_overhead = FastHistogram(
             "tokenmill_router_overhead_seconds", "time to pick a worker", _OVERHEAD_BUCKETS, r
         )
@@ -265,4 +340,5 @@ class FrontendMetrics:
         for load in loads:
             self.kv_usage.labels(load.instance_id).set(load.kv_usage)
             self.hit_rate.labels(load.instance_id).set(load.prefix_hit_rate)
+            self.kv_held_blocks.labels(load.instance_id).set(load.num_held_kv_blocks)
         return generate_latest(self.registry)

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MIGRATION_LIMIT = 3
 
 
+class ServedBy(list[str]):
+    """The instances that served a request, in order, and (``disagg``) the prefill/decode
+    decision of each opening that made one (the request log reads both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disagg: list[dict[str, Any]] = []
+
+
 def continuation(request: EngineRequest, generated: list[int]) -> EngineRequest:
     """``request`` resumed after ``generated`` tokens: prompt + generated as the prompt, the
     token budgets reduced accordingly. Requires ``len(generated) < max_tokens``."""
@@ -65,7 +74,7 @@ class MigratingStream:
         self._generated: list[int] = []
         self._base = 0  # output tokens generated before the current worker's stream
         self.migrations = 0
-        self.instances: list[str] = []  # every instance that served this request, in order
+        self.instances = ServedBy()  # every instance that served this request, in order
 
     async def open(self) -> MigratingStream:
         await self._open(self.request)
@@ -74,6 +83,9 @@ class MigratingStream:
     async def _open(self, request: EngineRequest) -> None:
         self._stream = await self.dispatcher.open(request, self._time_left(), self.router)
         self.instances.append(self._stream.instance_id)
+        disagg = getattr(self._stream, "disagg", None)  # a P/D decision (frontend.disagg)
+        if disagg is not None:
+            self.instances.disagg.append(disagg)
 
     def _time_left(self) -> float | None:
         return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())

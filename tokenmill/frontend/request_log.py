@@ -21,7 +21,10 @@ request never got there:
 
 ``status`` is the HTTP status; a stream that failed after its 200 has ``error`` set (the
 error's type, or ``client_disconnected``). ``workers``: the instances that served it, in
-order (more than one when it migrated). Lines go out line-buffered; the file is appended to.
+order (more than one when it migrated). ``disagg``: per opening that made a
+prefill/decode decision (``frontend.disagg``), ``remote``, ``reason``, ``prefill_worker`` and
+``fallback`` (why a remote prefill fell back to a local one); empty without prefill workers.
+Lines go out line-buffered; the file is appended to.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class RequestStages:
             "cached_tokens": None if usage is None else usage.num_cached_tokens,
             "completion_tokens": None if usage is None else usage.num_completion_tokens,
             "workers": [worker for choice in self.instances for worker in choice],
+            "disagg": [d for choice in self.instances for d in getattr(choice, "disagg", ())],
         }
 
 

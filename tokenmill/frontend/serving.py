@@ -76,6 +76,9 @@ class ServeContext:
         decoders = {skip: MemoDecoder(self.model.tokenizer, skip) for skip in (False, True)}
         object.__setattr__(self, "decoders", decoders)
         object.__setattr__(self, "observed", self.metrics.for_model(self.model.name))
+        bind = getattr(self.dispatcher, "bind_metrics", None)  # a DisaggDispatcher's
+        if bind is not None:
+            bind(self.observed)
 
 
 def engine_requests(prepared: PreparedRequest, base_id: str) -> list[EngineRequest]:

@@ -14,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_http(p)
     flags.add_frontend(p)
     flags.add_router_mode(p)
+    flags.add_disagg(p, fleet=False)
     p.add_argument(
         "--remote-router",
         action="store_true",
@@ -27,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
     runtime = specs.RuntimeSpec.from_args(args)
     http = specs.HttpSpec.from_args(args)
-    return serve_frontend(
-        runtime, http, specs.frontend_config(args), specs.RouterSpec.from_args(args)
-    )
+    router = specs.RouterSpec.from_args(args)
+    disagg = specs.DisaggSpec.from_args(args)
+    return serve_frontend(runtime, http, specs.frontend_config(args), router, disagg)

@@ -1,6 +1,7 @@
 """``tokenmill serve``: frontend + router + one engine in one process over the in-process
-runtime (``servers.serve_local``), or with ``--workers N`` the frontend here and N worker
-processes over NATS (``servers.serve_fleet``).
+runtime (``servers.serve_local``), or with ``--workers N`` (and/or ``--prefill-workers P
+--decode-workers D``) the frontend here and the worker processes over NATS
+(``servers.serve_fleet``).
 
 SIGINT/SIGTERM: stop accepting connections, let in-flight streams finish for up to
 ``--shutdown-timeout`` seconds, cancel (abort) what is left, shut the engine down, exit 0.
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_frontend(p)
     flags.add_router_mode(p)
     flags.add_fleet(p)
+    flags.add_disagg(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     http = specs.HttpSpec.from_args(args)
     config = specs.frontend_config(args)
     router = specs.RouterSpec.from_args(args)
-    if args.workers > 0:
-        fleet = specs.FleetSpec.from_args(args)
-        return servers.serve_fleet(engine, fleet, http, config, router)
+    fleet = specs.FleetSpec.from_args(args)
+    if fleet.roles:
+        disagg = specs.DisaggSpec.from_args(args)
+        return servers.serve_fleet(engine, fleet, http, config, router, disagg)
     return servers.serve_local(engine, http, config, router)

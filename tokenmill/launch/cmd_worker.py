@@ -13,6 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_runtime(p)
     flags.add_engine(p)
     flags.add_worker(p)
+    flags.add_worker_role(p)
     p.set_defaults(func=run)
 
 

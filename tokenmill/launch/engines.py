@@ -30,6 +30,8 @@ class BuiltEngine:
     context_length: int
     model_name: str  # the name clients use (``--served-model-name`` or the model's)
     block_size: int  # KV block size: the router hashes prompts with it
+    kv_layout: Any = None  # core.kv_transfer.KvLayout of a real engine (its model card)
+    role: str = "both"  # the disaggregation role its KV connector serves
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,22 @@ def scheduler_config(settings: EngineSettings, context_length: int) -> Any:
 
 @register("real")
 def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
-    from tokenmill.engine.builder import build_async_engine, build_real_core
+    from tokenmill.engine.builder import (
+        build_async_engine,
+        build_pd_connectors,
+        build_real_core,
+        kv_layout,
+    )
     from tokenmill.engine.config import CacheConfig
     from tokenmill.engine.loader import load_model
 
     s = spec.settings
     loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    layout = kv_layout(loaded.config, str(loaded.dtype).removeprefix("torch."), s.block_size)
+    connectors = {}
+    if spec.role != "both":  # P/D roles move KV blocks: NIXL must load (a clear error if not)
+        sched_side, worker_side = build_pd_connectors(layout, spec.kv_transfer_timeout_s)
+        connectors = {"connector": sched_side, "worker_connector": worker_side}
     cache = None if s.num_blocks is None else CacheConfig(s.block_size, s.num_blocks)
     context = spec.context_length or loaded.config.max_position_embeddings
     # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
@@ -91,9 +103,12 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
         block_size=s.block_size,
         decode=False,
         event_sink=event_sink,
+        **connectors,
     )
     engine = build_async_engine(core, spec.stream_interval_s)
-    return BuiltEngine(engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size)
+    return BuiltEngine(
+        engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size, layout, spec.role
+    )
 
 
 @register("mocker")

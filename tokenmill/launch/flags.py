@@ -17,7 +17,9 @@ from tokenmill.launch.specs import (
     KEEP_ALIVE_S,
     MOCKER_DEFAULTS,
     REAL_DEFAULTS,
+    DisaggSpec,
     EngineSettings,
+    EngineSpec,
     HttpSpec,
     RuntimeSpec,
     WorkerSpec,
@@ -266,6 +268,69 @@ def add_fleet(p: Parser) -> None:
         type=POSITIVE,
         default=RestartPolicy.window_s,
         help="seconds over which --worker-restarts counts",
+    )
+
+
+def add_kv_transfer(p: Parser) -> None:
+    """How long KV blocks may wait for a transfer (prefill/decode roles)."""
+    p.add_argument(
+        "--kv-transfer-timeout-s",
+        type=POSITIVE,
+        default=EngineSpec.kv_transfer_timeout_s,
+        help="seconds a prefill worker holds a finished request's KV blocks for its decode "
+        "worker's READ (freed at once on abort), and a READ's deadline",
+    )
+
+
+def add_worker_role(p: Parser) -> None:
+    """``worker --role``: aggregated, or one side of disaggregated prefill/decode."""
+    p.add_argument(
+        "--role",
+        choices=("both", "prefill", "decode"),
+        default=EngineSpec.role,
+        help="both: prefill and decode (aggregated); prefill / decode: one side of a P/D "
+        "split, KV blocks moved by NIXL",
+    )
+    add_kv_transfer(p)
+
+
+def add_disagg(p: Parser, fleet: bool = True) -> None:
+    """Conditional disaggregation in the frontend (``router.disagg``); with ``fleet``, the
+    prefill and decode worker processes of ``serve``."""
+    d = DisaggSpec
+    if fleet:
+        p.add_argument(
+            "--prefill-workers",
+            type=NON_NEGATIVE_INT,
+            default=0,
+            help="P prefill worker processes over NATS (with --decode-workers)",
+        )
+        p.add_argument(
+            "--decode-workers",
+            type=NON_NEGATIVE_INT,
+            default=0,
+            help="D decode worker processes over NATS (with --prefill-workers)",
+        )
+        add_kv_transfer(p)
+    p.add_argument(
+        "--disagg",
+        choices=("auto", "always", "never"),
+        default=d.mode,
+        help="prefill remotely: auto (when the prompt left after the decode worker's "
+        "prefix hit is long and the prefill pool is not saturated), always, never",
+    )
+    p.add_argument(
+        "--disagg-min-remote-tokens",
+        type=NON_NEGATIVE_INT,
+        default=d.min_remote_prefill_tokens,
+        help="auto: prefill remotely only above this many uncached prompt tokens",
+    )
+    p.add_argument(
+        "--disagg-max-prefill-queue",
+        type=NON_NEGATIVE_INT,
+        default=d.max_prefill_queue_tokens,
+        help="auto: the prefill pool is saturated when its least-loaded worker waits on "
+        "more prefill tokens than this",
     )
 
 

@@ -10,13 +10,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from tokenmill.launch import event_loop
 from tokenmill.launch.http_server import serve_stack
 from tokenmill.launch.processes import NatsProcess, WorkerProcess, alive_check, stop_processes
-from tokenmill.launch.specs import EngineSpec, FleetSpec, HttpSpec, RouterSpec, RuntimeSpec
+from tokenmill.launch.specs import (
+    DisaggSpec,
+    EngineSpec,
+    FleetSpec,
+    HttpSpec,
+    RouterSpec,
+    RuntimeSpec,
+)
 from tokenmill.launch.stacks import build_local_stack, build_remote_stack
 from tokenmill.launch.supervision import Supervisor
 
@@ -32,18 +40,29 @@ def serve_local(engine: EngineSpec, http: HttpSpec, config: Any, router: RouterS
     return event_loop.run(main(), http.event_loop)
 
 
-def serve_frontend(runtime: RuntimeSpec, http: HttpSpec, config: Any, router: RouterSpec) -> int:
+def serve_frontend(
+    runtime: RuntimeSpec,
+    http: HttpSpec,
+    config: Any,
+    router: RouterSpec,
+    disagg: DisaggSpec | None = None,
+) -> int:
     start = time.monotonic()
 
     async def main() -> int:
-        stack = await build_remote_stack(runtime, config, router)
+        stack = await build_remote_stack(runtime, config, router, disagg=disagg)
         return await serve_stack(stack, http, start)
 
     return event_loop.run(main(), http.event_loop)
 
 
 def serve_fleet(
-    engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any, router: RouterSpec
+    engine: EngineSpec,
+    fleet: FleetSpec,
+    http: HttpSpec,
+    config: Any,
+    router: RouterSpec,
+    disagg: DisaggSpec | None = None,
 ) -> int:
     """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
     stops the workers (SIGTERM, their drain time) and NATS. Once serving, a ``Supervisor``
@@ -56,14 +75,17 @@ def serve_fleet(
     url = fleet.nats_url if nats is None else nats.url
     workers: list[WorkerProcess] = []
     try:
-        workers = [WorkerProcess(engine, fleet.worker, url, i) for i in range(fleet.num_workers)]
+        workers = [
+            WorkerProcess(dataclasses.replace(engine, role=role), fleet.worker, url, i)
+            for i, role in enumerate(fleet.roles)
+        ]
         pids = " ".join(str(w.pid) for w in workers)
         note = (f", nats {url} pid {nats.pid}" if nats else "") + f", worker pids {pids}"
         check = alive_check([w.proc for w in workers])
 
         async def main() -> int:
             stack = await build_remote_stack(
-                RuntimeSpec(url), config, router, fleet.num_workers, check
+                RuntimeSpec(url), config, router, len(workers), check, disagg
             )
             children = [*workers, *([NatsProcess(nats)] if nats else [])]
             supervisor = Supervisor(children, fleet.restarts)

@@ -55,6 +55,8 @@ class EngineSpec:
     mocker_speedup: float = 1.0
     echo_delay_s: float = 0.0
     stream_interval_ms: float = 1.0  # AsyncEngine.output_interval_s, in ms
+    role: str = "both"  # prefill / decode: the engine gets the NIXL KV connector
+    kv_transfer_timeout_s: float = 30.0  # held blocks' lease; a READ's deadline
 
     @classmethod
     def from_args(cls, args: Namespace) -> EngineSpec:
@@ -69,6 +71,8 @@ class EngineSpec:
             mocker_speedup=args.mocker_speedup,
             echo_delay_s=args.echo_delay,
             stream_interval_ms=args.stream_interval_ms,
+            role=getattr(args, "role", "both"),
+            kv_transfer_timeout_s=getattr(args, "kv_transfer_timeout_s", 30.0),
         )
 
     @property
@@ -91,6 +95,10 @@ class EngineSpec:
             str(self.echo_delay_s),
             "--stream-interval-ms",
             str(self.stream_interval_ms),
+            "--role",
+            self.role,
+            "--kv-transfer-timeout-s",
+            str(self.kv_transfer_timeout_s),
         ]
         optional = (
             ("--model", self.model),
@@ -204,19 +212,59 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class FleetSpec:
-    """``serve --workers N``: N worker processes over NATS (an embedded server unless
-    ``nats_url``), each with ``worker``'s settings."""
+    """``serve --workers N [--prefill-workers P --decode-workers D]``: N aggregated, P
+    prefill and D decode worker processes over NATS (an embedded server unless ``nats_url``),
+    each with ``worker``'s settings."""
 
     num_workers: int
     nats_url: str | None = None
     worker: WorkerSpec = WorkerSpec()
     restarts: RestartPolicy = RestartPolicy()
+    num_prefill_workers: int = 0
+    num_decode_workers: int = 0
 
     @classmethod
     def from_args(cls, args: Namespace) -> FleetSpec:
         worker = WorkerSpec(None, args.shutdown_timeout, args.worker_event_loop)
         restarts = RestartPolicy(args.worker_restarts, args.restart_window)
-        return cls(args.workers, args.nats, worker, restarts)
+        return cls(
+            args.workers,
+            args.nats,
+            worker,
+            restarts,
+            getattr(args, "prefill_workers", 0),
+            getattr(args, "decode_workers", 0),
+        )
+
+    @property
+    def roles(self) -> list[str]:
+        """One role per worker process, in spawn order."""
+        return (
+            ["both"] * self.num_workers
+            + ["prefill"] * self.num_prefill_workers
+            + ["decode"] * self.num_decode_workers
+        )
+
+
+@dataclass(frozen=True)
+class DisaggSpec:
+    """The frontend's conditional disaggregation (``router.disagg``); the defaults are the
+    flags' (``flags.add_disagg``)."""
+
+    mode: str = "auto"
+    min_remote_prefill_tokens: int = 512
+    max_prefill_queue_tokens: int = 16_384
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> DisaggSpec:
+        return cls(args.disagg, args.disagg_min_remote_tokens, args.disagg_max_prefill_queue)
+
+    def config(self) -> Any:
+        from tokenmill.router.disagg import DisaggConfig, DisaggMode
+
+        return DisaggConfig(
+            DisaggMode(self.mode), self.min_remote_prefill_tokens, self.max_prefill_queue_tokens
+        )
 
 
 def frontend_config(args: Namespace) -> Any:

@@ -22,7 +22,13 @@ from typing import Any
 from tokenmill.launch.engines import BuiltEngine, build_engine
 from tokenmill.launch.model_card import ModelCard
 from tokenmill.launch.model_watch import ModelWatcher, served_model
-from tokenmill.launch.specs import WORKER_COMPONENT, EngineSpec, RouterSpec, RuntimeSpec
+from tokenmill.launch.specs import (
+    WORKER_COMPONENT,
+    DisaggSpec,
+    EngineSpec,
+    RouterSpec,
+    RuntimeSpec,
+)
 from tokenmill.worker.protocol import maybe_await
 
 WORKER_WAIT_S = 300.0
@@ -120,10 +126,12 @@ async def build_remote_stack(
     router: RouterSpec,
     expect_workers: int = 1,
     check: Any = None,
+    disagg: DisaggSpec | None = None,
 ) -> RemoteStack:
     """Connects, waits for ``expect_workers`` live workers, serves the first one's model
     (card + tokenizer) and, through a ``ModelWatcher``, every other model that registers.
-    ``check()`` (optional) is called while waiting; it raises to give up (a child died)."""
+    ``check()`` (optional) is called while waiting; it raises to give up (a child died).
+    ``disagg``: route through prefill/decode pools (``frontend.disagg``); None: one pool."""
     from tokenmill.core.request import RequestOutput
     from tokenmill.frontend.app import build_app
     from tokenmill.frontend.loads import LoadTracker
@@ -139,7 +147,12 @@ async def build_remote_stack(
     loads.start()
 
     async def make_dispatcher(card: ModelCard) -> tuple[Any, list[Any]]:
-        return await model_dispatcher(router, runtime, runtime_spec.namespace, client, card)
+        namespace = runtime_spec.namespace
+        if disagg is not None:
+            return await disagg_dispatcher(
+                router, disagg, runtime, namespace, client, card, loads.loads
+            )
+        return await model_dispatcher(router, runtime, namespace, client, card)
 
     dispatcher, parts = await make_dispatcher(card)
     app = build_app(model, dispatcher, config, loads.loads)
@@ -158,6 +171,81 @@ async def model_dispatcher(
     view = ModelView(client, card.model)
     policy, parts = await remote_policy(router, runtime, namespace, view, card.block_size)
     return Dispatcher(view, policy), parts
+
+
+async def disagg_dispatcher(
+    router: RouterSpec,
+    disagg: DisaggSpec,
+    runtime: Any,
+    namespace: str,
+    client: Any,
+    card: ModelCard,
+    loads: Any,
+) -> tuple[Any, list[Any]]:
+    """(``DisaggDispatcher`` over ``card.model``'s decode pool with its prefill pool beside
+    it, parts to stop). Each pool has its own policy and KV index; with no prefill worker it
+    routes as ``model_dispatcher`` does."""
+    from tokenmill.frontend.disagg import DisaggDispatcher
+    from tokenmill.routing.dispatch import Dispatcher
+    from tokenmill.routing.models import DECODE_ROLES, PREFILL_ROLES, RoleView
+
+    decode = RoleView(client, card.model, DECODE_ROLES)
+    prefill = RoleView(client, card.model, PREFILL_ROLES)
+    policy, parts = await remote_policy(router, runtime, namespace, decode, card.block_size)
+    prefill_policy, prefill_parts = await pool_policy(router, runtime, prefill, card.block_size)
+    dispatcher = DisaggDispatcher(
+        decode,
+        policy,
+        Dispatcher(prefill, prefill_policy),
+        disagg.config(),
+        kv_release(runtime, namespace),
+        loads,
+    )
+    return dispatcher, [*parts, *prefill_parts]
+
+
+async def pool_policy(
+    router: RouterSpec, runtime: Any, client: Any, block_size: int
+) -> tuple[Any, list[Any]]:
+    """A second pool's policy (the prefill pool): round robin, or a KV router over its own
+    index fed by its workers' events (no replica sync: replicas share the decode pool's)."""
+    from tokenmill.routing.dispatch import RoundRobinPolicy
+    from tokenmill.routing.kv_events import KvEventFeed
+    from tokenmill.routing.kv_policy import KvRouterPolicy
+
+    if router.mode == "round-robin" or router.remote:
+        return RoundRobinPolicy(), []
+    policy = KvRouterPolicy.create(router.mode, block_size, events=True)
+    feed = KvEventFeed(runtime, client, policy)
+    await feed.start()
+    return policy, [feed]
+
+
+def kv_release(runtime: Any, namespace: str) -> Any:
+    """``release(instance_id, request_ids)``: a prefill worker's ``kv_release`` endpoint."""
+    import uuid
+
+    from tokenmill.runtime.interface import EndpointId
+    from tokenmill.runtime.kv_wire import (
+        KV_RELEASE_ENDPOINT,
+        KvReleaseReply,
+        KvReleaseRequest,
+        release_instance_id,
+    )
+
+    endpoint = EndpointId(namespace, WORKER_COMPONENT, KV_RELEASE_ENDPOINT)
+    client = runtime.client(endpoint, response_type=KvReleaseReply)
+
+    async def release(instance_id: str, request_ids: list[str]) -> None:
+        message = KvReleaseRequest(request_ids=request_ids)
+        stream = client.generate(
+            message, f"release-{uuid.uuid4().hex}", release_instance_id(instance_id), 5.0
+        )
+        async with stream:
+            async for _ in stream:
+                pass
+
+    return release
 
 
 async def remote_policy(

@@ -55,7 +55,8 @@ async def start_worker(
     runtime: Any, built: BuiltEngine, namespace: str, spec: WorkerSpec, kv: Any = None
 ) -> Any:
     """Publishes the tokenizer blob and starts a ``Worker`` whose metadata is the model card
-    (plus ``kv_events``: whether ``kv``, its ``KvPublisher``, puts KV events on the wire)."""
+    (plus ``kv_events``: whether ``kv``, its ``KvPublisher``, puts KV events on the wire, and
+    ``kv_layout`` of a real engine); a P/D role comes from the built engine's connector."""
     from tokenmill.worker.worker import Worker, WorkerConfig
 
     digest, blob = tokenizer_blob(built.tokenizer)
@@ -70,12 +71,19 @@ async def start_worker(
         kv_blocks=blocks,
         tokenizer=digest,
     )
+    metadata = [*card.metadata().items(), ("kv_events", "1" if kv is not None else "0")]
+    if built.kv_layout is not None:  # the KV layout P/D pools must agree on
+        from tokenmill.core.kv_transfer import encode_layout
+        from tokenmill.routing.models import LAYOUT_KEY
+
+        metadata.append((LAYOUT_KEY, encode_layout(built.kv_layout)))
     config = WorkerConfig(
         namespace=namespace,
         instance_id=spec.instance_id,
         model_name=built.model_name,
         drain_timeout_s=spec.drain_timeout_s,
-        metadata=(*card.metadata().items(), ("kv_events", "1" if kv is not None else "0")),
+        metadata=tuple(metadata),
+        role=built.role,
     )
     worker = Worker(built.engine, runtime, config, kv)
     await worker.start()

@@ -83,6 +83,13 @@ class KvRouterPolicy:
         self, request: EngineRequest, instance_ids: list[str], overrides: Any = None
     ) -> str:
         """``overrides``: per-request ``options.RouterOptions`` (knobs, pinned instance)."""
+        return (await self.select_with_hit(request, instance_ids, overrides))[0]
+
+    async def select_with_hit(
+        self, request: EngineRequest, instance_ids: list[str], overrides: Any = None
+    ) -> tuple[str, int]:
+        """``select``, plus how many leading prompt tokens the chosen instance caches (as the
+        index knows it): the conditional-disaggregation decision reads it."""
         self._sync_workers(instance_ids)
         prompt = request.prompt_token_ids
         hashes = block_hashes(prompt, self.router.config.block_size, request.cache_salt)
@@ -98,7 +105,7 @@ class KvRouterPolicy:
             listener(
                 "added", request.request_id, instance_id, hashes, len(prompt), len(prompt) - cached
             )
-        return instance_id
+        return instance_id, cached
 
     def _overrides(self, options: Any) -> RouteOverrides | None:
         """``options.RouterOptions`` -> the router's ``RouteOverrides`` (pin by instance id,

@@ -70,3 +70,36 @@ class ModelView(EndpointClient):
         deadline_s: float | None = None,
     ) -> ResponseStream:
         return self.client.generate(request, request_id, instance_id, deadline_s)
+
+
+PREFILL_ROLES = ("prefill",)
+DECODE_ROLES = ("both", "decode")  # aggregated workers decode (and prefill locally) too
+
+
+class RoleView(ModelView):
+    """One model's instances of some roles (a pool: ``DECODE_ROLES`` or ``PREFILL_ROLES``),
+    so each pool gets its own dispatcher, policy and KV index. An instance with a role this
+    frontend does not know is in no pool."""
+
+    def __init__(self, client: EndpointClient, model: str, roles: tuple[str, ...]):
+        super().__init__(client, model)
+        self.roles = roles
+
+    def _mine(self, info: InstanceInfo) -> bool:
+        return super()._mine(info) and info.metadata.get(ROLE_KEY, DEFAULT_ROLE) in self.roles
+
+
+LAYOUT_KEY = "kv_layout"  # the KV layout (``core.kv_transfer.encode_layout``) in a registration
+
+
+def layout_conflict(layout: str, model: str, instances: list[InstanceInfo]) -> InstanceInfo | None:
+    """The first prefill or decode instance of ``model`` whose registered KV layout differs
+    from ``layout`` (blocks could not move between them); None when all agree."""
+    for info in instances:
+        meta = info.metadata
+        if meta.get("model") != model or meta.get(ROLE_KEY, DEFAULT_ROLE) == DEFAULT_ROLE:
+            continue
+        other = meta.get(LAYOUT_KEY)
+        if other is not None and other != layout:
+            return info
+    return None

@@ -64,3 +64,24 @@ class RouteEvent(msgspec.Struct, frozen=True, kw_only=True):
     num_prompt_tokens: int = 0
     num_prefill_tokens: int = 0
     version: int = WIRE_VERSION
+
+
+# endpoint ``kv_release`` of each prefill-capable worker: ``KvReleaseRequest`` in, one
+# ``KvReleaseReply`` out: free the blocks held for these requests' KV transfers at once (their
+# decode worker rejected or failed them, or the client left)
+KV_RELEASE_ENDPOINT = "kv_release"
+
+
+def release_instance_id(instance_id: str) -> str:
+    """The ``kv_release`` instance of the worker whose ``generate`` instance is ``instance_id``."""
+    return f"{instance_id}-kv-release"
+
+
+class KvReleaseRequest(msgspec.Struct, frozen=True, kw_only=True):
+    request_ids: list[str]
+    version: int = WIRE_VERSION
+
+
+class KvReleaseReply(msgspec.Struct, frozen=True, kw_only=True):
+    num_requests: int
+    version: int = WIRE_VERSION

@@ -83,6 +83,8 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     step_time_ms: float = 0.0  # recent wall time of one engine step (EWMA); 0: none yet
     num_waiting_prefill_tokens: int = 0  # tokens the waiting requests must compute first
     num_preemptions: int = 0  # requests preempted since the engine started (cumulative)
+    num_held_kv_blocks: int = 0  # blocks finished requests hold for a KV transfer (prefill)
+    num_kv_load_failures: int = 0  # KV loads that failed and were recomputed (cumulative)
 
 
 def check_version(version: int) -> None:

@@ -39,6 +39,8 @@ _STAT_NAMES = {
     "step_time_ms": ("step_time_ms",),
     "num_waiting_prefill_tokens": ("num_waiting_prefill_tokens",),
     "num_preemptions": ("num_preemptions",),
+    "num_held_kv_blocks": ("num_held_blocks",),
+    "num_kv_load_failures": ("num_kv_load_failures",),
 }
 
 
@@ -63,6 +65,8 @@ def load_from_stats(instance_id: str, stats: Any) -> WorkerLoad:
         step_time_ms=float(values["step_time_ms"]),
         num_waiting_prefill_tokens=int(values["num_waiting_prefill_tokens"]),
         num_preemptions=int(values["num_preemptions"]),
+        num_held_kv_blocks=int(values["num_held_kv_blocks"]),
+        num_kv_load_failures=int(values["num_kv_load_failures"]),
     )
 
 

@@ -4,7 +4,10 @@ in, ``RequestOutput``s out), publishing its load on the event plane.
 Life cycle: ``start()`` registers the instance (with ``metadata``: the model card and the
 worker's ``role``, see ``tokenmill.routing.models.instance_role``) and starts
 the load publisher and, given a ``KvPublisher`` (fed by the engine's KV event sink), the
-``kv_replay`` endpoint under the same instance id; ``stop()`` deregisters (no new requests), lets in-flight requests finish up
+``kv_replay`` endpoint under the same instance id; a ``prefill`` or ``decode`` worker also
+serves ``kv_release`` (free blocks held for KV transfers at once) and, before registering,
+checks that its KV layout (``metadata["kv_layout"]``) is the one the other P/D workers of its
+model registered (``KvLayoutMismatchError`` otherwise: blocks could not move between them); ``stop()`` deregisters (no new requests), lets in-flight requests finish up
 to ``drain_timeout_s``, then evicts the rest: their engine requests are aborted and their
 streams end with ``InstanceFailedError``, so a frontend migrates them to another worker.
 The engine itself is owned by the caller.
@@ -23,9 +26,15 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.core.errors import DuplicateRequestError, EngineDeadError
+from tokenmill.core.errors import DuplicateRequestError, EngineDeadError, KvLayoutMismatchError
 from tokenmill.core.request import EngineRequest, FinishReason, RequestOutput
-from tokenmill.routing.models import DEFAULT_ROLE, ROLE_KEY, check_role
+from tokenmill.routing.models import (
+    DEFAULT_ROLE,
+    LAYOUT_KEY,
+    ROLE_KEY,
+    check_role,
+    layout_conflict,
+)
 from tokenmill.runtime.interface import (
     EndpointId,
     InstanceFailedError,
@@ -33,7 +42,15 @@ from tokenmill.runtime.interface import (
     Runtime,
     ServedEndpoint,
 )
-from tokenmill.runtime.kv_wire import KV_REPLAY_ENDPOINT, KvReplayRequest, replay_instance_id
+from tokenmill.runtime.kv_wire import (
+    KV_RELEASE_ENDPOINT,
+    KV_REPLAY_ENDPOINT,
+    KvReleaseReply,
+    KvReleaseRequest,
+    KvReplayRequest,
+    release_instance_id,
+    replay_instance_id,
+)
 from tokenmill.runtime.wire import LOAD_TOPIC, InstanceInfo, WorkerLoad
 from tokenmill.worker.kv_publisher import KvPublisher
 from tokenmill.worker.protocol import EngineClient, load_from_stats, maybe_await
@@ -43,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "tokenmill"
 DEFAULT_COMPONENT = "backend"
 GENERATE_ENDPOINT = "generate"
+LAYOUT_CHECK_WAIT_S = 0.5  # how long a P/D worker waits to see its pool before registering
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._served: ServedEndpoint | None = None
+        self._release: ServedEndpoint | None = None
         self._publisher: asyncio.Task[None] | None = None
 
     @property
@@ -103,6 +122,8 @@ class Worker:
         metadata = {"model": self.config.model_name} if self.config.model_name else {}
         metadata.update(self.config.metadata)
         metadata[ROLE_KEY] = self.config.role
+        if self.config.role != DEFAULT_ROLE:
+            await self._check_layout(metadata)
         self._served = await self.runtime.serve_endpoint(
             self.config.endpoint,
             self.generate,
@@ -113,7 +134,43 @@ class Worker:
         self._publisher = asyncio.create_task(self._publish_load())
         if self.kv_publisher is not None:
             await self._serve_kv_replay(self.kv_publisher, self._served.info.instance_id)
+        if self.config.role != DEFAULT_ROLE:
+            await self._serve_kv_release(self._served.info.instance_id)
         return self._served.info
+
+    async def _check_layout(self, metadata: dict[str, str]) -> None:
+        layout = metadata.get(LAYOUT_KEY)
+        if layout is None:
+            return
+        client = self.runtime.client(self.config.endpoint)
+        with contextlib.suppress(TimeoutError):  # alone so far: nothing to disagree with
+            await client.wait_for_instances(LAYOUT_CHECK_WAIT_S)
+        conflict = layout_conflict(layout, metadata.get("model", ""), client.instances())
+        if conflict is not None:
+            raise KvLayoutMismatchError(
+                f"this {self.config.role} worker's KV layout {layout} differs from worker "
+                f"{conflict.instance_id}'s {conflict.metadata.get(LAYOUT_KEY)}: KV blocks "
+                "cannot move between them (same model, dtype and --block-size needed)"
+            )
+
+    async def _serve_kv_release(self, instance_id: str) -> None:
+        endpoint = EndpointId(self.config.namespace, self.config.component, KV_RELEASE_ENDPOINT)
+        self._release = await self.runtime.serve_endpoint(
+            endpoint,
+            self.release_transfers,
+            instance_id=release_instance_id(instance_id),
+            request_type=KvReleaseRequest,
+        )
+
+    async def release_transfers(
+        self, request: KvReleaseRequest, ctx: RequestContext
+    ) -> AsyncIterator[KvReleaseReply]:
+        """The ``kv_release`` handler: the engine frees the blocks held for these requests'
+        transfers at its next turn (ids holding nothing are ignored)."""
+        release = getattr(self.engine, "release_transfers", None)
+        if release is not None:
+            release(list(request.request_ids))
+        yield KvReleaseReply(num_requests=len(request.request_ids))
 
     async def _serve_kv_replay(self, publisher: KvPublisher, instance_id: str) -> None:
         publisher.bind(instance_id)
@@ -127,7 +184,7 @@ class Worker:
 
     async def stop(self, drain_timeout_s: float | None = None) -> int:
         """Deregisters, drains, aborts the rest; returns how many requests were aborted."""
-        for served in (self._served, self._replay):
+        for served in (self._served, self._replay, self._release):
             if served is not None:
                 await served.stop()
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s

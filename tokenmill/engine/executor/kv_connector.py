@@ -10,6 +10,7 @@ Driven by ``EngineCore`` in the engine loop's thread, once per step, in this ord
     get_finished()                  after the step: loads done / failed, sends done
     complete_transfer_params(p)     for a finishing request whose blocks are held: add what
                                     only this side knows (agent, layout, checksums)
+    take_load_report(request_id)    on a loaded request's first output: what moved
 
 ``NULL_WORKER_CONNECTOR`` does nothing; the core never calls it while the scheduler side is
 the null connector (no metadata).
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tokenmill.core.kv_transfer import KvTransferParams
+from tokenmill.core.kv_transfer import KvTransferParams, KvTransferReport
 from tokenmill.kv.connector import ConnectorMetadata, ConnectorOutput
 
 
@@ -40,6 +41,10 @@ class WorkerConnector:
 
     def complete_transfer_params(self, params: KvTransferParams) -> KvTransferParams:
         return params
+
+    def take_load_report(self, request_id: str) -> KvTransferReport | None:
+        """What the finished load of ``request_id`` moved (once; None if it loaded nothing)."""
+        return None
 
     def shutdown(self) -> None:
         """Stop transfers and release registered memory (the executor frees its tensors
