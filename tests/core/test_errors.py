@@ -72,6 +72,8 @@ REGISTRY = {
     ),
     "engine_error": ("EngineError", 500, "internal_error", None, False),
     "model_load_error": ("ModelLoadError", 500, "internal_error", None, False),
+    "kv_transfer_unavailable": ("KvTransferUnavailableError", 500, "internal_error", None, False),
+    "kv_layout_mismatch": ("KvLayoutMismatchError", 500, "internal_error", None, False),
     "internal_error": ("InternalError", 500, "internal_error", None, False),
 }
 
