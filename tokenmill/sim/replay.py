@@ -279,6 +279,7 @@ class Replay:
         self._seq = 0
         self._next = 0  # index of the next arrival
         self._next_worker_id = 0
+        self._num_timers = 0
         self.workers: dict[int, SimWorker] = {}  # every worker ever started
         self.pools: dict[Role, Pool] = {}
         self._prompts: dict[str, tuple] = {}  # remote requests' prompts until the decode leg
@@ -333,6 +334,7 @@ class Replay:
 
     def call_at(self, t_ms: float, fn: Callable[[Replay], None]) -> None:
         """Run ``fn(self)`` at virtual time ``t_ms`` (not before now)."""
+        self._num_timers += 1
         self._push(max(t_ms, self.now), _TIMER, -1, fn)
 
     def _join(self, worker: SimWorker) -> None:
@@ -368,17 +370,18 @@ class Replay:
         return self.requests[self._next].arrival_ms if self._next < len(self.requests) else math.inf
 
     def _next_external_ms(self) -> float:
-        """The next event that may add work to a worker: an arrival, a transfer, a timer."""
+        """The next event that may add work to a decode or aggregated worker: an arrival, a
+        timer, a transfer, or a prefill worker's step end (it may start a transfer)."""
         t = self._next_arrival_ms()
-        if self.cfg.split or self._has_timers:
+        if self.cfg.split or self._num_timers:
+            workers = self.workers
             for ev in self._heap:
-                if ev[1] in (_TRANSFER, _TIMER) and ev[0] < t:
+                if ev[0] < t and (
+                    ev[1] in (_TRANSFER, _TIMER)
+                    or (ev[1] == _COMPLETE and workers[ev[3]].role is Role.PREFILL)
+                ):
                     t = ev[0]
         return t
-
-    @property
-    def _has_timers(self) -> bool:
-        return any(ev[1] == _TIMER for ev in self._heap)
 
     def run(self) -> dict:
         heap = self._heap
@@ -394,6 +397,7 @@ class Replay:
                 elif kind == _TRANSFER:
                     self._transfer_done(payload)  # type: ignore[arg-type]
                 else:
+                    self._num_timers -= 1
                     payload(self)  # type: ignore[operator]
             else:
                 self.now = t_arr
