@@ -103,11 +103,13 @@ def test_prefill_blocks_are_held_until_the_transfer_completes_then_freed():
     def probe(r: Replay) -> None:
         kv = r.workers[0].core.scheduler.kv
         seen["held"] = list(kv.held_request_ids)
-        seen["decode_running"] = r.workers[1].core.has_unfinished_requests()
+        decode = r.workers[1].core.scheduler
+        seen["parked"] = decode.num_waiting_for_remote_kv  # WAITING_FOR_REMOTE_KV ...
+        seen["reserved"] = 2048 - decode.kv.num_free_blocks  # ... with its blocks allocated
 
     replay.call_at(T.prefill_ms(3000) + 100.0, probe)  # mid-transfer
     rep = replay.run()
-    assert seen == {"held": ["a"], "decode_running": False}
+    assert seen == {"held": ["a"], "parked": 1, "reserved": 47}  # 3001 tokens: 47 blocks
     prefill = replay.workers[0].core.scheduler
     assert prefill.kv.held_request_ids == [] and prefill.kv.num_free_blocks == 2048
     prefill.check_integrity()

@@ -63,6 +63,7 @@ from enum import StrEnum
 
 from tokenmill.core.block_hash import chain_hashes, local_block_hashes
 from tokenmill.core.events import EventNumberer, KvEvent
+from tokenmill.core.kv_transfer import KvTransferParams
 from tokenmill.core.request import EngineRequest, RequestOutput
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.builder import build_mock_core
@@ -70,12 +71,14 @@ from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.core import InflightStep
 from tokenmill.engine.mocker import (
     MockExecutor,
+    MockPdConnector,
+    MockWorkerConnector,
     PolynomialTiming,
     StepTiming,
     advance_decode,
     decode_run_length,
 )
-from tokenmill.kv.connector import SchedulerConnector
+from tokenmill.kv.connector import NULL_CONNECTOR, KvLoad, SchedulerConnector
 from tokenmill.router.disagg import DisaggConfig, PrefillPool, Reason, decide
 from tokenmill.router.policy import PolicyConfig
 from tokenmill.router.router import KvRouter, Queued, Routed, RouterConfig
@@ -180,10 +183,20 @@ class SimWorker:
     stands. ``draining``: out of routing, leaves when idle; ``left_ms``: when it left."""
 
     def __init__(
-        self, worker_id: int, role: Role, cfg: ReplayConfig, publish, timing: StepTiming, clock
+        self,
+        worker_id: int,
+        role: Role,
+        cfg: ReplayConfig,
+        publish,
+        timing: StepTiming,
+        clock,
+        connectors: tuple[SchedulerConnector, MockWorkerConnector] | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
+        connector, worker_connector = connectors or (NULL_CONNECTOR, None)
+        if role is Role.PREFILL:
+            connector = _HoldForTransfer()
         sched_cfg = SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -201,15 +214,30 @@ class SimWorker:
             seed=cfg.seed,
             event_sink=EventNumberer(worker_id, publish),
             clock=clock,
+            connector=connector,
+            worker_connector=worker_connector,
         )
-        if role is Role.PREFILL:
-            self.core.scheduler.connector = _HoldForTransfer()
         self.executor: MockExecutor = self.core.executor
         self.busy = False  # a step start or completion event is in the heap
         self.num_ff_steps = 0
         self.routable = False
         self.draining = False
         self.left_ms: float | None = None
+
+    @property
+    def loaded_waiting(self) -> int:
+        """Requests whose KV load finished but which have not been scheduled yet."""
+        connector = self.core.scheduler.connector
+        if not isinstance(connector, MockPdConnector):
+            return 0
+        return self.core.scheduler.num_waiting_for_remote_kv - connector.num_loading
+
+    def poll_kv(self) -> None:
+        """What ``EngineCore`` does after a step with connector work: the worker side's
+        report goes to the scheduler (a fast-forwarded run of steps ends with it too)."""
+        report = self.executor.kv_connector.get_finished()
+        if report is not None and not report.is_empty:
+            self.core.scheduler.update_from_kv_output(report)
 
     @property
     def idle(self) -> bool:
@@ -312,7 +340,16 @@ class Replay:
             raise ValueError(f"this replay has no {role} pool (pools: {list(self.pools)})")
         wid = self._next_worker_id
         self._next_worker_id += 1
-        worker = SimWorker(wid, role, self.cfg, self._publish, self.timing, self._clock_s)
+        connectors = None
+        if role is Role.DECODE:
+            size = self.cfg.block_size
+            sync = self.cfg.control == "dynamo"  # its hand-off comes after the transfer
+            on_load = None if sync else (lambda load, w=wid: self._load_started(w, load))
+            clock_ms = lambda: self.now  # noqa: E731
+            connectors = (MockPdConnector(size, sync), MockWorkerConnector(size, clock_ms, on_load))
+        worker = SimWorker(
+            wid, role, self.cfg, self._publish, self.timing, self._clock_s, connectors
+        )
         self.workers[wid] = worker
         if delay_ms <= 0:
             self.pools[role].add_worker(worker)
@@ -463,9 +500,13 @@ class Replay:
         params = SamplingParams(max_tokens=1, ignore_eos=True)
         self._add(worker_id, rec.request_id, tokens, params, (hashes, local))
 
-    def _add(self, worker_id: int, rid: str, tokens, params, hashes) -> None:
+    def _add(self, worker_id: int, rid: str, tokens, params, hashes, transfer=None) -> None:
         request = EngineRequest(
-            request_id=rid, prompt_token_ids=tokens, params=params, arrival_time=self.now / 1e3
+            request_id=rid,
+            prompt_token_ids=tokens,
+            params=params,
+            arrival_time=self.now / 1e3,
+            kv_transfer_params=transfer,
         )
         worker = self.workers[worker_id]
         worker.core.add_request(request, hashes)
@@ -505,54 +546,78 @@ class Replay:
                 self._first_token.pop(rid, None)
                 self.pools[Role.DECODE].router.mark_finished(rid)
                 return
-        num_prompt = rec.input_length
-        moved = num_prompt if self.cfg.transfer.tokens == "full_prompt" or not tokenmill else None
-        if moved is None:
-            moved = rec.transfer_tokens
-        rec.transfer_tokens = moved
-        rec.transfer_bytes = self.cfg.transfer.num_bytes(moved)
+        if tokenmill:
+            # the decode leg starts now: the decode worker allocates its blocks and waits in
+            # WAITING_FOR_REMOTE_KV while the load runs (``_load_started`` times it)
+            self._dispatch_decode(rec.worker, rec)
+            return
+        # dynamo: a fixed hand-off delay for the whole prompt, then the decode worker is picked
+        rec.transfer_tokens = rec.input_length
+        rec.transfer_bytes = self.cfg.transfer.num_bytes(rec.input_length)
         start, end = self.links.schedule(worker.worker_id, self.now, rec.transfer_bytes)
-        rec.transfer_ms = end - start
-        rec.kv_wait_ms = end - self.now
+        rec.transfer_ms, rec.kv_wait_ms = end - start, end - self.now
         self._push(end, _TRANSFER, worker.worker_id, rid)
 
+    def _load_started(self, decode_worker: int, load: KvLoad) -> float:
+        """A decode worker starts loading a request's KV (the mocker's worker-side connector
+        asks): when it will be there. Tokens moved: what the decode worker misses, or the
+        whole prompt (``transfer.tokens``); the link model may queue it behind others."""
+        rec = self.records[load.request_id]
+        full = self.cfg.transfer.tokens == "full_prompt"
+        rec.transfer_tokens = rec.input_length if full else load.num_tokens
+        rec.transfer_bytes = self.cfg.transfer.num_bytes(rec.transfer_tokens)
+        start, end = self.links.schedule(rec.prefill_worker, self.now, rec.transfer_bytes)
+        rec.transfer_ms = end - start
+        rec.kv_wait_ms = end - rec.first_token_ms  # prefill end -> KV in place
+        self._push(end, _TRANSFER, decode_worker, load.request_id)
+        return end
+
     def _transfer_done(self, rid: str) -> None:
-        """The KV is on the decode side: the prefill worker frees the held blocks and the
-        decode leg starts."""
+        """The KV is on the decode side: the prefill worker frees the held blocks; the decode
+        worker notices the finished load at its next step (woken if idle). Dynamo: the
+        decode worker is picked now and its leg starts with the KV in place."""
         rec = self.records[rid]
         prefill = self.workers[rec.prefill_worker]
         prefill.core.scheduler.release_held_blocks([rid])
         self._retire_if_idle(prefill)
-        if self.cfg.control == "dynamo":
-            tokens, hashes, _ = self._prompts[rid]
-            placed = self.pools[Role.DECODE].router.route(rid, hashes, len(tokens))
-            if isinstance(placed, Routed):
-                self._dispatch_decode(placed.worker_id, rec)
-            elif isinstance(placed, Queued):
-                rec.pending_prompt = self._prompts[rid]
-            else:
-                rec.shed = True
+        if self.cfg.control == "tokenmill":
+            decode = self.workers[rec.worker]
+            if not decode.busy:
+                decode.busy = True
+                self._push(self.now, _START, decode.worker_id)
+            return
+        tokens, hashes, _ = self._prompts[rid]
+        placed = self.pools[Role.DECODE].router.route(rid, hashes, len(tokens))
+        if isinstance(placed, Routed):
+            self._dispatch_decode(placed.worker_id, rec)
+        elif isinstance(placed, Queued):
+            rec.pending_prompt = self._prompts[rid]
         else:
-            self._dispatch_decode(rec.worker, rec)
+            rec.shed = True
 
     def _dispatch_decode(self, worker_id: int, rec: RequestRecord) -> None:
-        """The decode leg. Tokenmill: prompt + the prefill's token, the rest of the output,
-        the prompt loaded remotely. Dynamo: the prompt, every output token, all but the
-        prompt's last token loaded (its activation pass is one decode step)."""
+        """The decode leg, through the engine's KV connector seam (``kv_transfer_params`` with
+        ``do_remote_prefill``; the mocker's connector loads the prompt past the decode
+        worker's own hit). Tokenmill: the prompt plus the prefill's token, the rest of the
+        output. Dynamo: the prompt and every output token (all but the prompt's last token
+        loaded: its activation pass is one decode step)."""
         rid = rec.request_id
         tokens, hashes, local = self._prompts.pop(rid)
         rec.worker = worker_id
         if self.cfg.control == "dynamo":
             params = SamplingParams(max_tokens=rec.output_length, ignore_eos=True)
-            loaded = len(tokens) - 1
         else:
             first = self._first_token.pop(rid)
             hashes, local = self._extend_hashes(tokens, hashes, local, first)
             tokens = tokens + [first]
             params = SamplingParams(max_tokens=rec.output_length - 1, ignore_eos=True)
-            loaded = len(tokens) - 1
-        self.workers[worker_id].executor.remote_tokens[rid] = loaded
-        self._add(worker_id, rid, tokens, params, (hashes, local))
+        transfer = KvTransferParams(
+            do_remote_prefill=True,
+            remote_request_id=rid,
+            remote_engine_id=f"worker-{rec.prefill_worker}",
+            num_tokens=rec.input_length,
+        )
+        self._add(worker_id, rid, tokens, params, (hashes, local), transfer)
 
     def _extend_hashes(self, tokens: list[int], hashes: list[int], local: list[int], first: int):
         """The block hashes of ``tokens + [first]``: one more full block at most."""
@@ -570,11 +635,13 @@ class Replay:
         ``last_step_ms`` later; or a fast-forwarded run of decode steps; or the worker idles."""
         worker = self.workers[w]
         if self.cfg.fast_forward and self._ff_ok():
-            k = decode_run_length(worker.core.scheduler)
+            k = decode_run_length(worker.core.scheduler) if not worker.loaded_waiting else 0
             if k > 1:
                 self._fast_forward(w, worker, k)
                 return
         step = worker.core.begin_step()
+        if step is None and worker.core.has_unfinished_requests():
+            step = worker.core.begin_step()  # the empty step's poll may have made one runnable
         if step is None:
             worker.busy = False
             self._retire_if_idle(worker)
@@ -619,6 +686,8 @@ class Replay:
             for out in worker.core.finish_step(step):
                 self._on_output(worker, out)
             self._drain_queues()
+        elif worker.core.scheduler.has_pending_transfers():
+            worker.poll_kv()  # the fast-forwarded steps' last poll
         if worker.core.has_unfinished_requests():
             self._push(self.now, _START, w)
         else:
@@ -643,6 +712,10 @@ class Replay:
         if remote and rec.decode_first_ms < 0:
             rec.decode_first_ms = self.now
             router.mark_prefill_done(rid)
+            if rec.transfer_ms < 0:  # the decode worker had it all: nothing was read
+                rec.transfer_tokens = 0
+                self.workers[rec.prefill_worker].core.scheduler.release_held_blocks([rid])
+                self._retire_if_idle(self.workers[rec.prefill_worker])
         elif first_seen:
             router.mark_prefill_done(rid)
         if out.finish_reason is not None:
