@@ -41,8 +41,16 @@ from typing import Protocol
 import xxhash
 
 from tokenmill.engine.executor.base import Executor, ExecutorOutput
+from tokenmill.engine.executor.kv_connector import WorkerConnector
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import SchedulerOutput
+from tokenmill.kv.connector import (
+    ConnectorMetadata,
+    ConnectorOutput,
+    ConnectorRequest,
+    KvLoad,
+    SchedulerConnector,
+)
 
 _MULT = 0x9E3779B97F4A7C15
 
@@ -101,12 +109,40 @@ def _interp(points: list[tuple[float, float]], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def step_ms(timing: StepTiming, out: SchedulerOutput) -> float:
-    """Simulated duration of one scheduled step (0 for an empty step)."""
-    ms = timing.prefill_ms(out.num_prefill_tokens) if out.num_prefill_tokens else 0.0
-    if out.num_decode_tokens:
+def step_ms(
+    timing: StepTiming, out: SchedulerOutput, remote_tokens: dict[str, int] | None = None
+) -> float:
+    """Simulated duration of one scheduled step (0 for an empty step).
+
+    ``remote_tokens``: request id -> how many leading prompt tokens of that request were
+    loaded from elsewhere (a disaggregated decode leg): they are not computed, and the one
+    token computed right after them (the recomputed tail whose logits give the next token)
+    is priced as a decode token, as an engine batches it with the decodes."""
+    num_prefill, num_decode = out.num_prefill_tokens, out.num_decode_tokens
+    if remote_tokens and num_prefill:
+        free, tails = remote_token_counts(out, remote_tokens)
+        num_prefill -= free + tails
+        num_decode += tails
+    ms = timing.prefill_ms(num_prefill) if num_prefill else 0.0
+    if num_decode:
         ms += timing.decode_ms(out.num_active_blocks / out.num_total_blocks)
     return ms
+
+
+def remote_token_counts(out: SchedulerOutput, remote_tokens: dict[str, int]) -> tuple[int, int]:
+    """``(tokens loaded remotely, 1-token tails after them)`` among the step's scheduled
+    chunks (see ``step_ms``)."""
+    free = tails = 0
+    for s in out.scheduled:
+        loaded = remote_tokens.get(s.request.request_id)
+        if loaded is None:
+            continue
+        start, end = s.position, s.position + s.num_tokens
+        if start < loaded:
+            free += min(end, loaded) - start
+        if end - max(start, loaded) == 1 and s.samples and end == loaded + 1:
+            tails += 1
+    return free, tails
 
 
 class TokenSource:
@@ -217,6 +253,8 @@ class MockExecutor(Executor):
         self.tokens = tokens or TokenSource()
         self.pacer = pacer
         self.last_step_ms = 0.0
+        # request id -> leading prompt tokens loaded from elsewhere (see ``step_ms``)
+        self.remote_tokens: dict[str, int] = {}
 
     def sample(self, out: SchedulerOutput) -> dict[str, list[int]]:
         token = self.tokens.token
@@ -228,7 +266,7 @@ class MockExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
         self.release(scheduler_output.finished_request_ids)
-        self.last_step_ms = step_ms(self.timing, scheduler_output)
+        self.last_step_ms = step_ms(self.timing, scheduler_output, self.remote_tokens)
         if self.pacer is not None:
             self.pacer.pace(self.last_step_ms)
         return ExecutorOutput(sampled=self.sample(scheduler_output))
@@ -237,8 +275,17 @@ class MockExecutor(Executor):
         if self.pacer is not None:
             self.pacer.on_wake()
 
+    def set_kv_connector(self, connector: WorkerConnector) -> None:
+        super().set_kv_connector(connector)
+        if isinstance(connector, MockWorkerConnector):
+            connector.remote_tokens = self.remote_tokens
+
     def release(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
         self.tokens.release(request_ids)
+        if self.remote_tokens:
+            for rid in request_ids:
+                self.remote_tokens.pop(rid, None)
 
 
 # ---- fast-forward over pure-decode steps (offline replay) --------------------------------
@@ -290,3 +337,98 @@ def advance_decode(scheduler: Scheduler, tokens: TokenSource, num_steps: int) ->
             r.output_token_ids.extend(rest)
             r.all_token_ids.extend(rest)
         r.num_computed_tokens += num_steps
+
+
+# ---- the mocker's KV connector (a disaggregated decode worker) -----------------------------
+class MockPdConnector(SchedulerConnector):
+    """Scheduler side of a mocker decode worker: a request whose ``kv_transfer_params`` has
+    ``do_remote_prefill`` loads its first ``num_tokens`` prompt tokens past the local prefix
+    hit (at most all but the last token, which is computed for its logits). ``sync``: the
+    bytes are already there (Dynamo's replay model: the hand-off happens after the transfer),
+    so the tokens count as computed at admission; otherwise the load is async and the request
+    waits in ``WAITING_FOR_REMOTE_KV`` until the worker side reports it done."""
+
+    def __init__(self, block_size: int, sync: bool = False):
+        self.block_size = block_size
+        self.sync = sync
+        self._new: list[KvLoad] = []
+        self._inflight: set[str] = set()
+
+    @property
+    def num_loading(self) -> int:
+        """Async loads not yet reported finished."""
+        return len(self._inflight)
+
+    def get_num_new_matched_tokens(
+        self, request: ConnectorRequest, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if params is None or not params.do_remote_prefill:
+            return 0, False
+        n = min(params.num_tokens, request.num_tokens - 1) - num_computed_tokens
+        return (n, not self.sync) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request, block_ids, num_computed_tokens, num_external):
+        first = num_computed_tokens // self.block_size
+        last = -(-(num_computed_tokens + num_external) // self.block_size)
+        load = KvLoad(
+            request_id=request.request_id,
+            block_ids=list(block_ids[first:last]),
+            first_block=first,
+            num_tokens=num_external,
+            is_async=not self.sync,
+        )
+        self._new.append(load)
+        if load.is_async:
+            self._inflight.add(request.request_id)
+
+    def build_connector_meta(self) -> ConnectorMetadata | None:
+        if not self._new and not self._inflight:
+            return None
+        loads, self._new = self._new, []
+        return ConnectorMetadata(loads=loads)
+
+    def update_connector_output(self, output: ConnectorOutput) -> None:
+        for rid in output.finished_loads:
+            self._inflight.discard(rid)
+        for rid in output.failed_loads:
+            self._inflight.discard(rid)
+
+    def has_pending(self) -> bool:
+        return bool(self._inflight)
+
+
+class MockWorkerConnector(WorkerConnector):
+    """Worker side of a mocker decode worker: no bytes move. Each load's end time comes from
+    ``on_load(worker_id, load)`` (the replay's transfer model, virtual ms; None: at once), and
+    ``get_finished`` reports the loads whose end time has come on ``clock_ms``. It also tells
+    the executor's pricing where each request's loaded tokens end (``remote_tokens``)."""
+
+    def __init__(
+        self,
+        block_size: int,
+        clock_ms: Callable[[], float],
+        on_load: Callable[[KvLoad], float] | None = None,
+    ):
+        self.block_size = block_size
+        self.clock_ms = clock_ms
+        self.on_load = on_load
+        self.remote_tokens: dict[str, int] = {}  # the executor's (``set_kv_connector``)
+        self._pending: dict[str, float] = {}
+
+    def start_load_kv(self, metadata: ConnectorMetadata) -> None:
+        for load in metadata.loads:
+            rid = load.request_id
+            self.remote_tokens[rid] = load.first_block * self.block_size + load.num_tokens
+            if load.is_async:
+                now = self.clock_ms()
+                self._pending[rid] = now if self.on_load is None else self.on_load(load)
+
+    def get_finished(self) -> ConnectorOutput | None:
+        if not self._pending:
+            return None
+        now = self.clock_ms()
+        done = [rid for rid, t in self._pending.items() if t <= now]
+        for rid in done:
+            del self._pending[rid]
+        return ConnectorOutput(finished_loads=done) if done else None

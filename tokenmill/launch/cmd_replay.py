@@ -5,6 +5,10 @@ blocks per worker, max_num_seqs 256, max_num_batched_tokens 8,192, watermark 0.0
 prefill and prefix caching on); the engine ones are ``specs.MOCKER_DEFAULTS``, which
 live mocker workers (``serve``/``worker --engine mocker``) use too. Writes the report JSON to
 ``--output`` (and prints a one-line summary).
+
+``--prefill-workers P --decode-workers D`` replays a P/D split instead (``--disagg``,
+``--disagg-control``, the KV transfer flags: ``flags.add_replay_disagg``); ``--slo-ttft-ms``
+and ``--slo-itl-ms`` set the goodput bounds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--save-requests", action="store_true", help="per-request records in the report JSON"
     )
+    flags.add_replay_disagg(p)
     p.set_defaults(func=run)
 
 
@@ -54,7 +59,31 @@ def _policy_config(args: argparse.Namespace):
     return default_policy_config(args.router_mode, **overrides)
 
 
+def _transfer_config(args: argparse.Namespace):
+    from tokenmill.sim.transfer import TransferConfig, kv_bytes_per_token
+
+    bytes_per_token = args.kv_bytes_per_token
+    if args.kv_model_shape:
+        parts = args.kv_model_shape.split(",")
+        if len(parts) != 4:
+            raise SystemExit("--kv-model-shape: expected LAYERS,KV_HEADS,HEAD_DIM,DTYPE")
+        try:
+            bytes_per_token = kv_bytes_per_token(
+                int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
+            )
+        except ValueError as e:
+            raise SystemExit(f"--kv-model-shape: {e}") from None
+    return TransferConfig(
+        bytes_per_token=bytes_per_token,
+        bandwidth_gbps=args.kv_transfer_bandwidth,
+        latency_ms=args.kv_transfer_latency_ms,
+        tokens=args.kv_transfer_tokens,
+        link=args.kv_transfer_link,
+    )
+
+
 def build_config(args: argparse.Namespace):
+    from tokenmill.router.disagg import DisaggConfig, DisaggMode
     from tokenmill.router.queue import QueueConfig
     from tokenmill.router.router import RouterConfig
     from tokenmill.sim.replay import ReplayConfig
@@ -78,7 +107,18 @@ def build_config(args: argparse.Namespace):
         watermark=args.watermark,
         seed=args.seed,
         fast_forward=not args.no_fast_forward,
+        sla_ttft_ms=args.slo_ttft_ms,
+        sla_itl_ms=args.slo_itl_ms,
         router=router,
+        num_prefill_workers=args.prefill_workers,
+        num_decode_workers=args.decode_workers,
+        control=args.disagg_control,
+        disagg=DisaggConfig(
+            mode=DisaggMode(args.disagg),
+            min_remote_prefill_tokens=args.min_remote_prefill_tokens,
+            max_prefill_queue_tokens=args.max_prefill_queue_tokens,
+        ),
+        transfer=_transfer_config(args),
     )
 
 
@@ -91,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.sim.report import request_json
     from tokenmill.sim.trace import read_mooncake
 
+    if args.prefill_workers and not args.decode_workers:
+        raise SystemExit("replay: --prefill-workers needs --decode-workers")
+    if args.disagg_control == "dynamo" and args.decode_workers and not args.prefill_workers:
+        raise SystemExit("replay: --disagg-control dynamo needs --prefill-workers")
     cfg = build_config(args)
     requests = read_mooncake(args.trace, args.max_requests, args.arrival_speed)
     timing = ProfileTiming.load(args.timing_profile) if args.timing_profile else None
@@ -101,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     report["config"] = {
         "router_mode": args.router_mode,
         "workers": args.workers,
+        "prefill_workers": args.prefill_workers,
+        "decode_workers": args.decode_workers,
+        "disagg": args.disagg if cfg.split else None,
+        "disagg_control": args.disagg_control if cfg.split else None,
+        "kv_transfer_bandwidth": args.kv_transfer_bandwidth,
         "arrival_speed": args.arrival_speed,
         "seed": args.seed,
         "trace": args.trace,
@@ -110,10 +159,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)
-    ttft = report["ttft"]
+    ttft, gaps = report["ttft"], report["itl_gaps"]
+    shape = f"{args.prefill_workers}P{args.decode_workers}D " if cfg.split else ""
     print(
-        f"{args.router_mode}: {report['completed']} requests, TTFT mean {_f(ttft['mean'], 1)} "
-        f"p99 {_f(ttft['p99'], 1)} ms, ITL mean {_f(report['itl']['mean'], 2)} ms, "
+        f"{shape}{args.router_mode}: {report['completed']} requests, TTFT mean "
+        f"{_f(ttft['mean'], 1)} p99 {_f(ttft['p99'], 1)} ms, ITL mean "
+        f"{_f(report['itl']['mean'], 2)} ms (all gaps: mean {_f(gaps['mean'], 2)} p99 "
+        f"{_f(gaps['p99'], 2)}), "
         f"reuse {_f(report['kv_reuse_ratio'], 3)}, shed {report['shed_requests']}, "
         f"wall {report['wall_s']} s"
     )

@@ -342,3 +342,63 @@ def add_worker(p: Parser) -> None:
         "--drain-timeout", type=NON_NEGATIVE, default=d.drain_timeout_s, help="seconds, on SIGTERM"
     )
     add_event_loop(p, d.event_loop)
+
+
+def add_replay_disagg(p: Parser) -> None:
+    """``replay``'s P/D split, KV transfer model and SLOs (``tokenmill.sim``)."""
+    from tokenmill.router.disagg import DisaggConfig, DisaggMode
+    from tokenmill.sim.transfer import TRANSFER_LINKS, TRANSFER_TOKENS, TransferConfig
+
+    d, t = DisaggConfig(), TransferConfig()
+    g = p.add_argument_group("P/D split (replay)")
+    g.add_argument(
+        "--prefill-workers",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="a P/D split: prefill workers (with --decode-workers; --workers is ignored)",
+    )
+    g.add_argument("--decode-workers", type=NON_NEGATIVE_INT, default=0)
+    g.add_argument(
+        "--disagg",
+        choices=[m.value for m in DisaggMode],
+        default=d.mode.value,
+        help="where a split prefills: auto (long prompts remotely unless the prefill pool "
+        "is saturated), always (remotely), never (on the decode worker)",
+    )
+    g.add_argument(
+        "--disagg-control",
+        choices=("tokenmill", "dynamo"),
+        default="tokenmill",
+        help="dynamo: reproduce Dynamo 1.6's disaggregated replay (every request prefills "
+        "remotely, decode worker picked by load at the hand-off, TTFT at its first token)",
+    )
+    g.add_argument(
+        "--min-remote-prefill-tokens", type=NON_NEGATIVE_INT, default=d.min_remote_prefill_tokens
+    )
+    g.add_argument(
+        "--max-prefill-queue-tokens", type=NON_NEGATIVE_INT, default=d.max_prefill_queue_tokens
+    )
+    g.add_argument(
+        "--kv-transfer-bandwidth",
+        type=NON_NEGATIVE,
+        default=None,
+        help="decimal GB/s of a prefill-to-decode KV transfer (unset or 0: transfers take 0 "
+        "ms, Dynamo's replay default)",
+    )
+    g.add_argument("--kv-transfer-latency-ms", type=NON_NEGATIVE, default=t.latency_ms)
+    g.add_argument(
+        "--kv-bytes-per-token",
+        type=POSITIVE_INT,
+        default=t.bytes_per_token,
+        help="KV bytes per token (default Llama-3-8B bf16, 131072)",
+    )
+    g.add_argument(
+        "--kv-model-shape",
+        default=None,
+        metavar="LAYERS,KV_HEADS,HEAD_DIM,DTYPE",
+        help="bytes per token from a model shape instead, e.g. 24,32,64,bfloat16",
+    )
+    g.add_argument("--kv-transfer-tokens", choices=TRANSFER_TOKENS, default=t.tokens)
+    g.add_argument("--kv-transfer-link", choices=TRANSFER_LINKS, default=t.link)
+    g.add_argument("--slo-ttft-ms", type=POSITIVE, default=2000.0, help="goodput: TTFT bound")
+    g.add_argument("--slo-itl-ms", type=POSITIVE, default=25.0, help="goodput: ITL bound")
