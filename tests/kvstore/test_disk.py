@@ -3,7 +3,9 @@ corrupted or foreign files read as misses."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from tokenmill.kvstore import record
 from tokenmill.kvstore.base import StoreUnavailable
 from tokenmill.kvstore.disk import FILE_NAME, DiskStore, slot_bytes_for
+from tokenmill.kvstore.file_io import FILE_IO
 from tokenmill.kvstore.record import HEADER_BYTES, Miss
 
 BLOCK = 5000
@@ -21,12 +24,21 @@ def payload(seed: int) -> memoryview:
     return memoryview(np.random.default_rng(seed).integers(0, 256, BLOCK, dtype=np.uint8))
 
 
-async def started(path, fingerprint=FP, num_blocks=8) -> tuple[DiskStore, list]:
-    store = DiskStore(str(path), num_blocks, BLOCK, fingerprint)
-    return store, await store.start()
+@pytest.fixture(params=sorted(FILE_IO))
+def file_io(request) -> str:
+    return request.param
 
 
-async def test_put_get_round_trip_in_page_aligned_slots(tmp_path):
+@pytest.fixture
+def started(file_io):
+    async def start(path, fingerprint=FP, num_blocks=8) -> tuple[DiskStore, list]:
+        store = DiskStore(str(path), num_blocks, BLOCK, fingerprint, file_io)
+        return store, await store.start()
+
+    return start
+
+
+async def test_put_get_round_trip_in_page_aligned_slots(tmp_path, started):
     store, found = await started(tmp_path)
     assert found == [] and store.slot_bytes == 8192 == slot_bytes_for(BLOCK)
     await store.put(3, 33, payload(3))
@@ -41,7 +53,7 @@ async def test_put_get_round_trip_in_page_aligned_slots(tmp_path):
         await store.get(3, 33)
 
 
-async def test_restart_adopts_valid_blocks_and_checks_them_on_read(tmp_path):
+async def test_restart_adopts_valid_blocks_and_checks_them_on_read(tmp_path, started):
     store, _ = await started(tmp_path)
     for slot, h in [(0, 100), (2, 102), (4, 104)]:
         await store.put(slot, h, payload(h))
@@ -58,7 +70,7 @@ async def test_restart_adopts_valid_blocks_and_checks_them_on_read(tmp_path):
     await again.close()
 
 
-async def test_truncated_file_and_other_layouts_are_misses(tmp_path):
+async def test_truncated_file_and_other_layouts_are_misses(tmp_path, started):
     store, _ = await started(tmp_path)
     await store.put(0, 100, payload(100))
     await store.put(1, 101, payload(101))
@@ -74,13 +86,24 @@ async def test_truncated_file_and_other_layouts_are_misses(tmp_path):
     await other.close()
 
 
-async def test_a_full_disk_raises_store_unavailable(tmp_path, monkeypatch):
+async def test_concurrent_puts_and_gets_are_batched_and_all_answered(tmp_path, started):
     store, _ = await started(tmp_path)
+    await asyncio.gather(*(store.put(i, 100 + i, payload(i)) for i in range(8)))
+    got = await asyncio.gather(*(store.get(i, 100 + i) for i in range(8)))
+    assert [bytes(g) for g in got] == [bytes(payload(i)) for i in range(8)]
+    await store.close()
 
-    def enospc(*_):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "pwritev", enospc)
-    with pytest.raises(StoreUnavailable, match="No space left"):
-        await store.put(0, 1, payload(1))
+async def test_a_full_disk_raises_store_unavailable_and_recovers(
+    tmp_path, started, file_size_limit
+):
+    store, _ = await started(tmp_path)
+    await store.put(0, 1, payload(1))
+    file_size_limit(2 * store.slot_bytes)
+    with pytest.raises(StoreUnavailable, match="write failed"):
+        await store.put(5, 6, payload(6))
+    await store.put(1, 2, payload(2))  # within the limit
+    file_size_limit(resource.RLIM_INFINITY)  # space again
+    await store.put(5, 6, payload(6))
+    assert bytes(await store.get(5, 6)) == bytes(payload(6))
     await store.close()

@@ -4,7 +4,7 @@ fails is skipped (one warning, a count) and used again after its backoff once it
 from __future__ import annotations
 
 import logging
-import os
+import resource
 
 import numpy as np
 import pytest
@@ -64,24 +64,19 @@ def test_puts_and_gets_complete_through_poll_with_stats(disk_io):
     assert stats.misses == {"truncated": 1}
 
 
-def test_full_disk_is_skipped_with_one_warning_and_used_again(disk_io, monkeypatch, caplog):
+def test_full_disk_is_skipped_with_one_warning_and_used_again(disk_io, file_size_limit, caplog):
     io, clock, _ = disk_io
-    real = os.pwritev
-
-    def enospc(*_):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "pwritev", enospc)
+    file_size_limit(BLOCK)  # the kernel refuses every write past the first slot
     block = memoryview(bytes(BLOCK))
     with caplog.at_level(logging.WARNING, "tokenmill.kvstore.io"):
         for i in range(3):
-            io.put(Tier.DISK, i, i, block)
+            io.put(Tier.DISK, 2 + i, i, block)
             wait_all(io, 1)
     assert [d.ok for d in io.poll()] == []
     assert len([r for r in caplog.records if "unavailable" in r.message]) == 1
     stats = io.stats[Tier.DISK]
     assert (stats.failures, stats.skipped) == (1, 2)  # one real try, then skipped
-    monkeypatch.setattr(os, "pwritev", real)  # space again
+    file_size_limit(resource.RLIM_INFINITY)  # space again
     io.put(Tier.DISK, 5, 5, block)
     assert not wait_all(io, 1)[0].ok  # still within the backoff: skipped
     clock.now += 1.0
