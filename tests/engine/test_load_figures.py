@@ -72,6 +72,9 @@ class _StubCore:
         self.num_steps = 0
         self.executor = _NoopExecutor()
 
+    def has_pending_transfers(self) -> bool:
+        return False
+
     def has_unfinished_requests(self) -> bool:
         return True
 

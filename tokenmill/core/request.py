@@ -8,6 +8,7 @@ import enum
 
 import msgspec
 
+from tokenmill.core.kv_transfer import KvTransferParams
 from tokenmill.core.sampling import SamplingParams
 
 REQUEST_VERSION = 1
@@ -25,6 +26,7 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     ``cache_salt`` salts the block hashes so tenants never share cached prefixes.
     ``priority``: lower values are scheduled first when the scheduler runs by priority.
+    ``kv_transfer_params``: this leg of a disaggregated request (``core.kv_transfer``).
     """
 
     request_id: str
@@ -34,6 +36,7 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     arrival_time: float | None = None
     version: int = REQUEST_VERSION
+    kv_transfer_params: KvTransferParams | None = None
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -50,6 +53,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     ``queue_time_s``, on a request's first output only (None on the others, and from an
     engine that does not measure it): seconds from its arrival in the engine to its first
     scheduling (waiting for a batch slot or for free KV blocks).
+    ``kv_transfer_params``: on the last output of a prefill worker's request whose blocks
+    it holds for a decode worker: where to read them from.
     """
 
     request_id: str
@@ -64,6 +69,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0
     version: int = REQUEST_VERSION
     queue_time_s: float | None = None
+    kv_transfer_params: KvTransferParams | None = None
 
     @property
     def finished(self) -> bool:

@@ -152,6 +152,12 @@ class AsyncEngine:
         if self._loop.alive:
             self._loop.abort([request_id])
 
+    def release_transfers(self, request_ids: list[str]) -> None:
+        """Frees the blocks held for these finished requests' KV transfers at the loop's next
+        turn (their consumer will not read them). Unknown ids are ignored."""
+        if self._loop.alive:
+            self._loop.call(lambda core: core.release_transfers(request_ids))
+
     def is_healthy(self) -> bool:
         return self._loop.alive
 
@@ -224,6 +230,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         num_output_tokens=last.num_output_tokens,
         num_cached_tokens=last.num_cached_tokens,
         queue_time_s=outputs[0].queue_time_s,
+        kv_transfer_params=last.kv_transfer_params,
     )
 
 

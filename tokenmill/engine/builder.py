@@ -25,8 +25,10 @@ from tokenmill.engine.async_engine import DEFAULT_OUTPUT_INTERVAL_S, AsyncEngine
 from tokenmill.engine.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.core import Decode, EngineCore
 from tokenmill.engine.executor.base import Executor
+from tokenmill.engine.executor.kv_connector import WorkerConnector
 from tokenmill.engine.mocker import MockExecutor, StepPacer, StepTiming, TokenSource
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.kv.connector import NULL_CONNECTOR, SchedulerConnector
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of K and V for the whole pool (real engines)
 Clock = Callable[[], float]
@@ -42,8 +44,14 @@ def build_core(
     decode: Decode | None = None,
     event_sink: KvEventSink = null_sink,
     clock: Clock = time.monotonic,
+    connector: SchedulerConnector = NULL_CONNECTOR,
+    worker_connector: WorkerConnector | None = None,
 ) -> EngineCore:
     """``EngineCore(Scheduler(scheduler, cache, eos_token_ids, event_sink), executor)``.
+
+    ``connector`` / ``worker_connector``: the two sides of a KV connector (``kv.connector``,
+    ``engine.executor.kv_connector``); the worker side is handed to the executor, which
+    registers its KV tensors with it. Defaults: the null connector, nothing registered.
 
     ``executor`` must hold ``cache.num_blocks`` blocks of ``cache.block_size`` (raises
     ``ValueError`` otherwise). ``decode`` None: outputs carry token ids only, no text and no
@@ -53,7 +61,9 @@ def build_core(
             f"executor holds {executor.num_blocks} blocks of {executor.block_size} tokens, "
             f"the cache config {cache.num_blocks} of {cache.block_size}"
         )
-    sched = Scheduler(scheduler, cache, eos_token_ids, event_sink)
+    if worker_connector is not None:
+        executor.set_kv_connector(worker_connector)
+    sched = Scheduler(scheduler, cache, eos_token_ids, event_sink, connector)
     return EngineCore(sched, executor, vocab_size, decode, clock)
 
 
@@ -67,6 +77,8 @@ def build_real_core(
     decode: bool = True,
     event_sink: KvEventSink = null_sink,
     clock: Clock = time.monotonic,
+    connector: SchedulerConnector = NULL_CONNECTOR,
+    worker_connector: WorkerConnector | None = None,
     **runner_kwargs,
 ) -> EngineCore:
     """A core over ``loaded`` (a ``LoadedModel``) with the real ``ModelRunner``.
@@ -102,6 +114,8 @@ def build_real_core(
         decode=text,
         event_sink=event_sink,
         clock=clock,
+        connector=connector,
+        worker_connector=worker_connector,
     )
 
 
@@ -115,6 +129,8 @@ def build_mock_core(
     seed: int = 0,
     event_sink: KvEventSink = null_sink,
     clock: Clock = time.monotonic,
+    connector: SchedulerConnector = NULL_CONNECTOR,
+    worker_connector: WorkerConnector | None = None,
 ) -> EngineCore:
     """The mocker: the real scheduler and block pool, a ``MockExecutor`` priced by ``timing``
     (None: ``PolynomialTiming``) whose tokens are ``TokenSource(vocab_size, seed)``. No EOS:
@@ -122,7 +138,14 @@ def build_mock_core(
     tokens = TokenSource(vocab_size, seed)
     executor = MockExecutor(cache.num_blocks, cache.block_size, timing, tokens, pacer)
     return build_core(
-        executor, cache, scheduler, vocab_size=vocab_size, event_sink=event_sink, clock=clock
+        executor,
+        cache,
+        scheduler,
+        vocab_size=vocab_size,
+        event_sink=event_sink,
+        clock=clock,
+        connector=connector,
+        worker_connector=worker_connector,
     )
 
 

@@ -11,6 +11,13 @@ A step is two halves, so that a simulator can put virtual time between them:
   events) -> detokenization and stop strings -> a list of ``RequestOutput`` (one per request
   that got tokens or finished this step).
 
+KV connector (``kv.connector`` + ``engine.executor.kv_connector``): when the scheduler's
+output carries connector metadata, ``begin_step`` hands it to the executor's worker-side
+connector before executing, and the worker side's report (loads finished or failed, sends
+finished) goes back to the scheduler at the end of ``finish_step``, or at once in
+``begin_step`` when nothing was scheduled (loads in flight, blocks held). The null connector
+produces no metadata, so none of this runs.
+
 ``step()`` is ``finish_step(begin_step())``: the live engine loop and the offline ``LLM`` call
 it; the offline replay (``tokenmill.sim.replay``) calls the halves at a step's simulated start
 and end. Between the halves only ``add_request`` (and ``abort_requests``) may be called; each
@@ -171,9 +178,14 @@ class EngineCore:
         """Schedules and executes a step; None (and nothing to finish) when nothing was
         scheduled. The result must go to ``finish_step`` before the next ``begin_step``."""
         sched = self.scheduler.schedule()
+        meta = sched.kv_connector_metadata
+        if meta is not None:
+            self.executor.kv_connector.start_load_kv(meta)
         if sched.is_empty:
             if sched.finished_request_ids:
                 self.executor.release(sched.finished_request_ids)
+            if meta is not None:
+                self._poll_kv_connector()
             return None
         self.num_steps += 1
         self._stamp_scheduled(sched)
@@ -188,7 +200,23 @@ class EngineCore:
         outputs = self._fail(result.errors)
         updates = self.scheduler.update_from_output(step.scheduler_output, result.sampled)
         outputs.extend(self._output(u, result) for u in updates)
+        if step.scheduler_output.kv_connector_metadata is not None:
+            self._poll_kv_connector()
         return outputs
+
+    def _poll_kv_connector(self) -> None:
+        report = self.executor.kv_connector.get_finished()
+        if report is not None and not report.is_empty:
+            self.scheduler.update_from_kv_output(report)
+
+    def release_transfers(self, request_ids: Iterable[str]) -> None:
+        """The consumers of these finished requests' held blocks will not read them (a
+        decode worker rejected or aborted, the client left): free them at the next step."""
+        self.scheduler.connector.release(request_ids)
+
+    def has_pending_transfers(self) -> bool:
+        """A KV load or held blocks in flight: keep stepping (polling) while idle."""
+        return self.scheduler.has_pending_transfers()
 
     def _stamp_scheduled(self, sched) -> None:
         """Queue time of the requests scheduled for the first time in this step (sent, and
@@ -232,6 +260,9 @@ class EngineCore:
             del self._streams[rid]
         logprobs = result.logprobs.get(rid) if stream.want_logprobs else None
         queue_time_s, stream.queue_time_s = stream.queue_time_s, None  # first output only
+        transfer = update.kv_transfer_params
+        if transfer is not None:
+            transfer = self.executor.kv_connector.complete_transfer_params(transfer)
         return RequestOutput(
             request_id=rid,
             new_token_ids=update.new_token_ids,
@@ -243,6 +274,7 @@ class EngineCore:
             num_output_tokens=update.num_output_tokens,
             num_cached_tokens=update.num_cached_tokens,
             queue_time_s=queue_time_s,
+            kv_transfer_params=transfer,
         )
 
     def _terminal(self, rid: str, reason: FinishReason, request, error: str | None = None):
@@ -273,6 +305,9 @@ class EngineCore:
             "num_preemptions": s.num_preemptions,
             "num_blocks": self.scheduler.kv.num_blocks,
             "num_steps": self.num_steps,
+            "num_waiting_for_remote_kv": s.num_waiting_for_remote_kv,
+            "num_held_blocks": s.num_held_blocks,
+            "num_kv_load_failures": s.num_kv_load_failures,
         }
 
     def check_integrity(self) -> None:

@@ -3,7 +3,9 @@
 Other threads talk to it only through ``add`` / ``abort`` / ``shutdown``, which queue a
 command and notify a condition variable: the loop sleeps on that condition when idle (no
 polling sleeps) and drains all queued commands before each step; after such a wait it calls
-``executor.on_wake()`` (the mocker starts its simulated time there). Each step's outputs are
+``executor.on_wake()`` (the mocker starts its simulated time there). While KV transfers are
+in flight (``core.has_pending_transfers()``) and no step computes anything, the loop polls
+every ``KV_POLL_INTERVAL_S`` instead of sleeping until a command. Each step's outputs are
 handed to ``on_outputs`` as one list, from the loop thread.
 
 If anything escapes ``EngineCore.step`` (the core already isolates per-request failures),
@@ -30,6 +32,10 @@ OutputsFn = Callable[[list[RequestOutput]], None]
 # Weight of the latest step in ``step_time_ms``: ~10 steps of memory, so the published load
 # follows a change of batch within a load interval but one slow step does not swing it.
 STEP_TIME_EWMA_ALPHA = 0.2
+
+# While KV transfers are in flight and there is nothing to compute, the loop polls the
+# connector this often (a NIXL READ of a few MiB takes about a millisecond here).
+KV_POLL_INTERVAL_S = 0.0005
 
 
 class EngineLoop:
@@ -114,6 +120,9 @@ class EngineLoop:
         with self._cond:
             woke = False
             while not (self._commands or self._stopping or self.core.has_unfinished_requests()):
+                if self.core.has_pending_transfers():
+                    self._cond.wait(KV_POLL_INTERVAL_S)  # held blocks: poll their sends
+                    break
                 self._cond.wait()
                 woke = True
             if self._stopping:
@@ -127,9 +136,16 @@ class EngineLoop:
         self.last_step_s = self.clock() - start
         if self.core.num_steps != num_steps:  # an empty step would pull the average to 0
             self._record_step_time(self.last_step_s * 1000.0)
+        elif not outputs and self.core.has_pending_transfers():
+            self._idle_poll()  # loads in flight, nothing to compute: do not spin
         if outputs:
             self.on_outputs(outputs)
         return True
+
+    def _idle_poll(self) -> None:
+        with self._cond:
+            if not (self._commands or self._stopping):
+                self._cond.wait(KV_POLL_INTERVAL_S)
 
     def _record_step_time(self, ms: float) -> None:
         previous = self.step_time_ms

@@ -25,6 +25,7 @@ import enum
 import numpy as np
 
 from tokenmill.core.block_hash import chain_hashes, local_block_hashes, seed_for
+from tokenmill.core.kv_transfer import KvTransferParams
 from tokenmill.core.request import EngineRequest, FinishReason
 from tokenmill.core.sampling import SamplingParams
 
@@ -33,6 +34,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"  # never scheduled yet
     RUNNING = "running"  # holds KV blocks
     PREEMPTED = "preempted"  # blocks freed; waits to recompute from scratch
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds blocks; a connector loads them
     FINISHED = "finished"  # ``finish_reason`` says why; blocks freed
 
 
@@ -43,6 +45,9 @@ class Request:
     prompt tokens its first schedule found in the prefix cache (what usage reports).
     ``order`` breaks ties between equal (priority, arrival_time): the scheduler's add order.
     ``stop_ids`` / ``max_num_tokens`` are the scheduler's fast stop test (``set_stop_conditions``).
+    ``kv_transfer_params``: the request's KV-transfer leg as it came in (None: none);
+    ``kv_transfer_result``: what its last output tells the client (set when a connector
+    holds its blocks at finish).
     """
 
     __slots__ = (
@@ -69,6 +74,8 @@ class Request:
         "local_hashes",
         "_block_size",
         "_hash_seed",
+        "kv_transfer_params",
+        "kv_transfer_result",
     )
 
     def __init__(
@@ -83,6 +90,7 @@ class Request:
         block_size: int | None = None,
         order: int = 0,
         prompt_hashes: tuple[list[int], list[int]] | None = None,
+        kv_transfer_params: KvTransferParams | None = None,
     ):
         """``block_size=None`` disables block hashing (prefix caching off).
 
@@ -110,6 +118,8 @@ class Request:
         self.max_num_tokens = self.num_prompt_tokens + self.max_tokens
         self.stop_ids: frozenset[int] = frozenset(self.params.stop_token_ids)
         self.num_preemptions = 0
+        self.kv_transfer_params = kv_transfer_params
+        self.kv_transfer_result: KvTransferParams | None = None
         self.block_hashes: list[int] = []
         self.local_hashes: list[int] = []
         self._block_size = block_size
@@ -137,6 +147,7 @@ class Request:
             block_size=block_size,
             order=order,
             prompt_hashes=prompt_hashes,
+            kv_transfer_params=request.kv_transfer_params,
         )
 
     @property

@@ -13,6 +13,17 @@ Each step (``schedule``) hands out a budget of ``max_num_batched_tokens``:
    scheduled whole or, with chunked prefill, cut at the remaining budget. A request that
    cannot get its blocks (keeping the watermark free) stops admission (no overtaking).
 
+Loading KV from elsewhere (``kv.connector``): at admission, after the prefix-cache lookup,
+the connector says how many more prompt tokens it can load. An async load gets blocks for
+the whole prompt and parks the request in ``WAITING_FOR_REMOTE_KV`` (counted against
+``max_num_seqs``, not scheduled); ``update_from_kv_output`` then makes the loaded tokens
+computed (caching their full blocks) and the request is scheduled first at the next step, or
+on a failed load frees its blocks and requeues it at the front to recompute. A sync load
+counts its tokens computed at once (the worker side loads them before the forward)::
+
+    prompt    [ local hit | loaded by the connector | computed here (>= 1 token) ]
+               get_computed   get_num_new_matched     the step's chunk(s)
+
 ``update_from_output`` advances ``num_computed_tokens``, caches blocks that became full,
 appends the sampled tokens of requests whose chunk reached their last known token, checks
 stop conditions and frees finished requests. Every finished request's blocks (stop, length,
@@ -43,10 +54,12 @@ from tokenmill.engine.scheduler_output import (
     SchedulerOutput,
     SchedulerStats,
 )
-from tokenmill.kv.connector import NULL_CONNECTOR, SchedulerConnector
+from tokenmill.kv.connector import NULL_CONNECTOR, ConnectorOutput, SchedulerConnector
 from tokenmill.kv.manager import KVCacheManager
 
 _RUNNING = RequestStatus.RUNNING
+_LOADING = RequestStatus.WAITING_FOR_REMOTE_KV
+_PARKED = -1  # ``_admit``: admitted into WAITING_FOR_REMOTE_KV, nothing scheduled
 _STOP, _LENGTH = FinishReason.STOP, FinishReason.LENGTH
 
 
@@ -87,6 +100,11 @@ class Scheduler:
         self._finished_since_step: list[str] = []
         self._num_added = 0
         self._num_waiting_tokens = 0  # sum of num_tokens over the waiting queue
+        # WAITING_FOR_REMOTE_KV: loading (request, num_computed_tokens once loaded), then
+        # loaded and scheduled first at the next step
+        self._loading: dict[str, tuple[Request, int]] = {}
+        self._loaded: list[Request] = []
+        self.num_kv_load_failures = 0
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
         self.num_preemptions = 0
@@ -140,6 +158,8 @@ class Scheduler:
         for request in done:
             if request.status is _RUNNING:
                 request.status = RequestStatus.FINISHED  # so the running list drops it
+            elif request.status is _LOADING:
+                self._unpark(request)
             else:
                 self.waiting.discard(request)
                 self._num_waiting_tokens -= request.num_tokens
@@ -154,8 +174,52 @@ class Scheduler:
         release is a no-op). Returns the ids whose blocks were freed."""
         return [rid for rid in request_ids if self.kv.release(rid)]
 
+    def update_from_kv_output(self, output: ConnectorOutput) -> None:
+        """Apply what the connector's worker side reported: finished loads make their tokens
+        computed and full blocks cached (the request runs at the next step); failed loads free
+        the request's blocks and requeue it at the front of the waiting queue to recompute.
+        Ids not loading here (aborted while loading: the connector holds their blocks) are
+        left to the connector."""
+        self.connector.update_connector_output(output)
+        for request_id in output.finished_loads:
+            entry = self._loading.pop(request_id, None)
+            if entry is not None:
+                request = entry[0]
+                request.num_computed_tokens = entry[1]
+                self.kv.cache_full_blocks(request)
+                self._loaded.append(request)
+        for request_id in output.failed_loads:
+            entry = self._loading.pop(request_id, None)
+            if entry is not None:
+                self._requeue_failed_load(entry[0])
+
+    def _requeue_failed_load(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        self.num_kv_load_failures += 1
+        self.waiting.add_preempted(request)  # front of the queue, as a preempted one
+        self._num_waiting_tokens += request.num_tokens
+
+    def _unpark(self, request: Request) -> None:
+        if self._loading.pop(request.request_id, None) is None:
+            self._loaded.remove(request)
+
+    def _release_transfers(self) -> None:
+        request_ids = self.connector.take_releasable()
+        if request_ids:
+            self.release_held_blocks(request_ids)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_pending_transfers(self) -> bool:
+        """A load in flight or a held table: the engine must keep polling its connector."""
+        return bool(self._loading) or self.kv.has_held or self.connector.has_pending()
+
+    @property
+    def num_waiting_for_remote_kv(self) -> int:
+        return len(self._loading) + len(self._loaded)
 
     @property
     def num_running(self) -> int:
@@ -174,6 +238,9 @@ class Scheduler:
             self.num_hit_tokens,
             self.num_preemptions,
             self._num_waiting_tokens,
+            self.num_waiting_for_remote_kv,
+            self.kv.num_held_blocks,
+            self.num_kv_load_failures,
         )
 
     # ------------------------------------------------------------------ one step
@@ -183,11 +250,30 @@ class Scheduler:
         preempt, but advances no request: call ``update_from_output`` with the result."""
         out = SchedulerOutput(num_total_blocks=self.kv.num_blocks)
         out.finished_request_ids, self._finished_since_step = self._finished_since_step, []
+        self._release_transfers()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted_request_ids:
+            if self._loaded:
+                budget = self._schedule_loaded(out, budget)
             self._schedule_waiting(out, budget)
         out.num_active_blocks = self.kv.num_used_blocks
+        out.kv_connector_metadata = self.connector.build_connector_meta()
         return out
+
+    def _schedule_loaded(self, out: SchedulerOutput, budget: int) -> int:
+        """Requests whose load finished run first, in load order: their tables already cover
+        the prompt, so each is scheduled as admitted (its whole table new to the plan)."""
+        loaded, self._loaded = self._loaded, []
+        for i, request in enumerate(loaded):
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0 or self.kv.allocate_slots(request, num_new) is None:
+                self._loaded = loaded[i:]
+                break
+            request.status = _RUNNING
+            self._add_running(request)
+            self._add_scheduled(out, request, num_new)
+            budget -= num_new
+        return budget
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """The hot loop (O(running), no per-token work): one table lookup per request, an
@@ -241,7 +327,7 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         waiting, max_num_seqs = self.waiting, self.config.max_num_seqs
-        while budget > 0 and len(self.running) < max_num_seqs:
+        while budget > 0 and len(self.running) + self.num_waiting_for_remote_kv < max_num_seqs:
             request = waiting.peek()
             if request is None:
                 break
@@ -250,30 +336,63 @@ class Scheduler:
                 break
             waiting.pop()
             self._num_waiting_tokens -= request.num_tokens
+            if num_new == _PARKED:
+                continue
             self._add_running(request)
             self._add_scheduled(out, request, num_new)
             budget -= num_new
 
     def _admit(self, request: Request, budget: int) -> int:
-        """Give a waiting request its prefix hits and first chunk's blocks; 0 if it cannot."""
+        """Give a waiting request its prefix hits and first chunk's blocks; 0 if it cannot,
+        ``_PARKED`` if it was parked for an async load (nothing scheduled)."""
         reserve = self._watermark_blocks if self.running else 0  # alone, it must fit
         if self.kv.num_free_blocks <= reserve:
             return 0  # new tokens start a block of their own: skip the prefix lookup
         computed, num_cached = self.kv.get_computed_blocks(request)
-        num_new = request.num_tokens - num_cached
+        num_external, is_async = self.connector.get_num_new_matched_tokens(request, num_cached)
+        if num_external and is_async:
+            return self._park(request, computed, num_cached, num_external, reserve)
+        num_new = request.num_tokens - num_cached - num_external
         if num_new > budget:
             if not self.config.enable_chunked_prefill:
                 return 0
             num_new = budget
+        if self.kv.allocate_slots(request, num_external + num_new, computed, reserve) is None:
+            return 0
+        self._count_hit(request, num_cached)
+        if num_external:  # a sync load: the worker side fills these before the forward
+            self.connector.update_state_after_alloc(
+                request, self.kv.get_block_ids(request.request_id), num_cached, num_external
+            )
+        request.num_computed_tokens = num_cached + num_external
+        request.status = _RUNNING
+        return num_new
+
+    def _park(
+        self,
+        request: Request,
+        computed: list[int],
+        num_cached: int,
+        num_external: int,
+        reserve: int,
+    ) -> int:
+        """Blocks for the whole prompt, then WAITING_FOR_REMOTE_KV while the load runs."""
+        num_new = request.num_tokens - num_cached
         if self.kv.allocate_slots(request, num_new, computed, reserve) is None:
             return 0
+        self._count_hit(request, num_cached)
+        table = self.kv.get_block_ids(request.request_id)
+        self.connector.update_state_after_alloc(request, table, num_cached, num_external)
+        request.num_computed_tokens = num_cached
+        request.status = _LOADING
+        self._loading[request.request_id] = (request, num_cached + num_external)
+        return _PARKED
+
+    def _count_hit(self, request: Request, num_cached: int) -> None:
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_cached
             self.num_queried_tokens += request.num_tokens
             self.num_hit_tokens += num_cached
-        request.num_computed_tokens = num_cached
-        request.status = _RUNNING
-        return num_new
 
     def _add_running(self, request: Request) -> None:
         if self.config.policy == "priority":
@@ -360,6 +479,7 @@ class Scheduler:
             request.num_prompt_tokens,
             len(request.output_token_ids),
             request.num_cached_tokens,
+            request.kv_transfer_result,
         )
 
     def _check_stop(
@@ -390,10 +510,12 @@ class Scheduler:
 
     def _free_finished(self, request: Request) -> None:
         """The one way a finished request's blocks go: held if the connector says so (until
-        ``release_held_blocks``), freed now otherwise."""
+        it makes them releasable, or ``release_held_blocks``), freed now otherwise. A held
+        request's ``kv_transfer_result`` is what the connector says its output carries."""
         block_ids = self.kv.get_block_ids(request.request_id)
         if block_ids and self.connector.request_finished(request, block_ids):
             self.kv.hold(request.request_id)
+            request.kv_transfer_result = self.connector.transfer_params(request.request_id)
         else:
             self.kv.free(request.request_id)
 
@@ -406,14 +528,18 @@ class Scheduler:
         count is the waiting queue's."""
         self.kv.check_integrity()
         running_ids = {r.request_id for r in self.running}
+        parked = [r for r, _ in self._loading.values()] + self._loaded
         _ensure(len(running_ids) == len(self.running), "a request runs twice")
         _ensure(all(r.status is _RUNNING for r in self.running), "a running request is not")
-        _ensure(len(self.running) + len(self.waiting) == len(self.requests), "lost a request")
+        _ensure(all(r.status is _LOADING for r in parked), "a parked request is not loading")
+        num_known = len(self.running) + len(self.waiting) + len(parked)
+        _ensure(num_known == len(self.requests), "lost a request")
+        with_blocks = running_ids | {r.request_id for r in parked}
         for request in self.requests.values():
             holds = bool(self.kv.get_block_ids(request.request_id))
-            _ensure(holds == (request.request_id in running_ids), "blocks held while not running")
+            _ensure(holds == (request.request_id in with_blocks), "blocks held while not running")
             _ensure(not self.kv.is_held(request.request_id), "held blocks of an unfinished request")
-        waiting = [r for r in self.requests.values() if r.status is not _RUNNING]
+        waiting = [r for r in self.requests.values() if r.status not in (_RUNNING, _LOADING)]
         _ensure(sum(r.num_tokens for r in waiting) == self._num_waiting_tokens, "waiting tokens")
 
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from tokenmill.core.kv_transfer import KvTransferParams
 from tokenmill.core.request import FinishReason
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.request import Request
+from tokenmill.kv.connector import ConnectorMetadata
 
 PLAN_VERSION = 1
 
@@ -102,6 +104,9 @@ class SchedulerOutput:
     - ``preempted_request_ids``: freed this step, back in the waiting queue.
     - ``finished_request_ids``: finished or aborted since the previous step: executors drop
       any per-request state they keep.
+    - ``kv_connector_metadata``: the KV connector's work for this step (loads to start,
+      holds, releases; ``kv.connector``); None with the null connector. A step may carry it
+      with nothing scheduled (loads in flight): the engine then runs the connector alone.
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
@@ -111,6 +116,7 @@ class SchedulerOutput:
     num_total_blocks: int = 0
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    kv_connector_metadata: ConnectorMetadata | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -142,6 +148,7 @@ class SchedulerOutput:
             num_total_blocks=self.num_total_blocks,
             preempted_request_ids=list(self.preempted_request_ids),
             finished_request_ids=list(self.finished_request_ids),
+            kv_connector_metadata=self.kv_connector_metadata,  # immutable: shared
         )
 
 
@@ -185,7 +192,9 @@ class NewRequestPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 class StepPlan(msgspec.Struct, frozen=True, kw_only=True):
     """A ``SchedulerOutput`` as wire data: the same totals and id lists (same meaning), the
-    scheduled requests in step order, and the first-time requests among them."""
+    scheduled requests in step order, the first-time requests among them (a request whose
+    KV a connector loaded is first scheduled after its load: its whole table is new then),
+    and the connector's metadata."""
 
     scheduled: list[ScheduledPlan]
     new_requests: list[NewRequestPlan]
@@ -196,6 +205,7 @@ class StepPlan(msgspec.Struct, frozen=True, kw_only=True):
     preempted_request_ids: list[str]
     finished_request_ids: list[str]
     version: int = PLAN_VERSION
+    kv_connector_metadata: ConnectorMetadata | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -222,7 +232,9 @@ def decode_plan(data: bytes) -> StepPlan:
 @dataclass(slots=True)
 class RequestUpdate:
     """What one step did to one request: new output tokens, and how it ended if it did.
-    Counts are cumulative (``num_cached_tokens``: prompt tokens hit at first schedule)."""
+    Counts are cumulative (``num_cached_tokens``: prompt tokens hit at first schedule).
+    ``kv_transfer_params``: on a finishing update whose blocks a connector holds, where
+    they can be read (``Request.kv_transfer_result``)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -231,6 +243,7 @@ class RequestUpdate:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    kv_transfer_params: KvTransferParams | None = None
 
     @property
     def finished(self) -> bool:
@@ -248,6 +261,9 @@ class SchedulerStats:
     # tokens waiting requests must compute before they run (prompt, plus the output so far of
     # preempted ones); prefix-cache hits are found only at admission, so not subtracted
     num_waiting_prefill_tokens: int = 0
+    num_waiting_for_remote_kv: int = 0  # requests parked while a connector loads their KV
+    num_held_blocks: int = 0  # blocks finished requests hold for a transfer
+    num_kv_load_failures: int = 0  # loads that failed and were recomputed (cumulative)
 
     @property
     def prefix_hit_rate(self) -> float:

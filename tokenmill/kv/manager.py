@@ -185,6 +185,15 @@ class KVCacheManager:
     def held_request_ids(self) -> list[str]:
         return list(self._held)
 
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks in held tables (a block shared by two tables counts twice)."""
+        return sum(len(table) for table in self._held.values())
+
+    @property
+    def has_held(self) -> bool:
+        return bool(self._held)
+
     def reset_prefix_cache(self) -> None:
         """Empty the prefix cache (``Cleared``); running requests keep their blocks and do
         not re-cache the blocks they already had cached."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.core.request import TokenLogprob
+from tokenmill.engine.executor.kv_connector import NULL_WORKER_CONNECTOR, WorkerConnector
 
 
 @dataclass
@@ -37,14 +38,22 @@ class Executor(abc.ABC):
     ``num_blocks`` is the size of the KV pool the executor allocated; the scheduler's block
     pool must have exactly that many blocks. ``release`` drops per-request state (sampling
     generators) of finished or aborted requests; releasing an unknown id is a no-op.
+    ``kv_connector``: the worker side of the engine's KV connector, registered with this
+    executor's KV tensors (the null one by default); the engine core drives it.
     """
 
     num_blocks: int
     block_size: int
+    kv_connector: WorkerConnector = NULL_WORKER_CONNECTOR
 
     @abc.abstractmethod
     def execute(self, scheduler_output: Any) -> ExecutorOutput:
         """Run one step. Raises only when the whole batch failed."""
+
+    def set_kv_connector(self, connector: WorkerConnector) -> None:
+        """Use ``connector`` as this executor's worker-side KV connector; an executor with KV
+        tensors registers them with it here (the mocker has none)."""
+        self.kv_connector = connector
 
     def on_thread_start(self) -> None:  # noqa: B027 - optional hook
         """Called once in the engine loop's thread before its first step (torch threads)."""

@@ -83,10 +83,16 @@ class ModelRunner(Executor):
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads or os.cpu_count() or 1)
 
+    def set_kv_connector(self, connector) -> None:
+        """Registers this runner's per-layer K and V tensors with ``connector``."""
+        self.kv_connector = connector
+        connector.register_kv_caches(self.attn.k_cache, self.attn.v_cache)
+
     def release(self, request_ids: Iterable[str]) -> None:
         self.sampler.release(request_ids)
 
     def shutdown(self) -> None:
+        self.kv_connector.shutdown()
         self.attn.free()
 
     def execute(self, scheduler_output) -> ExecutorOutput:
