@@ -23,9 +23,10 @@ def make(host=2, disk=2, remote=0, write_through=False, cap=10 * BLOCK) -> TierP
 
 
 def run(p: TierPlacement, writes: list[Write], ok: bool = True) -> list[Write]:
-    """Commit every write as the executor would, in order."""
+    """Commit every async write as the executor would (host writes need none)."""
     for w in writes:
-        p.commit(w.dst, w.block_hash, ok)
+        if w.dst is not H:
+            p.commit(w.dst, w.block_hash, ok)
     return writes
 
 
@@ -96,6 +97,27 @@ def test_lookup_returns_longest_run_fastest_tier_first():
     assert p.counters(H).hits == 0  # lookup changes nothing
 
 
+def test_a_host_entry_is_ready_when_planned_and_a_later_write_may_demote_it():
+    p = make(host=1, disk=2)
+    assert p.offload(1, 0) + p.offload(2, 1) == [
+        Write(1, DEV, 0, H, 0),
+        Write(1, H, 0, D, 0),  # read after the copy above, before the one below
+        Write(2, DEV, 1, H, 0),
+    ]
+    assert p.hashes(H) == {2} and not p.contains(D, 1)
+    assert p.is_async(D) and p.is_async(R) and not p.is_async(H)
+    p.commit(D, 1, ok=True)
+    assert p.lookup([1, 2]) == [Hit(1, D, 0), Hit(2, H, 0)]
+
+
+def test_disk_first_without_a_host_tier_is_async():
+    p = TierPlacement(PlacementConfig((TierConfig(D, 2),), BLOCK))
+    assert p.offload(5, 3) == [Write(5, DEV, 3, D, 0)]
+    assert p.bytes_in_flight == BLOCK and p.lookup([5]) == []
+    p.commit(D, 5, ok=True)
+    assert p.lookup([5]) == [Hit(5, D, 0)] and p.bytes_in_flight == 0
+
+
 def test_pinned_entries_are_not_evicted_and_writes_drop_when_all_pinned():
     p = make(host=1, disk=1)
     run(p, p.offload(1, 0))
@@ -114,7 +136,6 @@ def test_failed_write_is_a_miss_and_frees_the_slot():
     run(p, p.offload(2, 1))
     writes = p.offload(3, 2)
     p.commit(D, 1, ok=False)
-    p.commit(H, 3, ok=True)
     assert p.lookup([1]) == []
     assert p.counters(D).failed == 1 and p.num_used_blocks(D) == 0
     with pytest.raises(ValueError, match="no write"):
@@ -135,10 +156,8 @@ def test_invalidate_forgets_an_entry_even_while_pinned():
 
 
 def offload_sync(p: TierPlacement, block_hash: int) -> list[Write]:
-    """Offload, committing the host copy at once as the executor does; the async rest."""
-    writes = p.offload(block_hash, block_hash)
-    run(p, [w for w in writes if w.dst is H])
-    return [w for w in writes if w.dst is not H]
+    """Offload; the async writes (the host copy needs no commit)."""
+    return [w for w in p.offload(block_hash, block_hash) if w.dst is not H]
 
 
 def test_bytes_in_flight_cap_drops_async_writes_and_refuses_reads():
@@ -184,7 +203,7 @@ def test_random_operations_keep_integrity(write_through, ops):
     pinned: list[list[Hit]] = []
     for op, h in ops:
         if op == "offload":
-            pending.extend(p.offload(h, device_block=h))
+            pending.extend(w for w in p.offload(h, device_block=h) if w.dst is not H)
         elif op in ("commit", "fail") and pending:
             w = pending.pop(0)
             p.commit(w.dst, w.block_hash, op == "commit")

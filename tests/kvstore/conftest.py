@@ -1,20 +1,11 @@
-"""Fixtures for the KV storage tests: a real redis-server per test (loopback, free port)."""
+"""Fixtures for the KV storage tests (a real redis-server is ``tests/conftest.py``'s)."""
 
 from __future__ import annotations
 
 import resource
 import signal
-from collections.abc import Iterator
 
 import pytest
-from helpers.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ arena slot, a slot of the disk file; the remote store keys by hash, its slot onl
 block may sit in several tiers at once. Each entry of a tier is in one of three states::
 
     writing    slot reserved, bytes in flight         not found by lookup, not evictable
+               (disk and remote only: a host entry is ready when planned, its memcpy runs
+               before anything can read it)
     ready      bytes valid                            found by lookup; evictable unless pinned
     pinned     ready and being read (an onboard)      found by lookup, not evictable
 
@@ -22,7 +24,7 @@ an eviction never has to copy. The returned ``Write`` ops must be carried out in
 victim's bytes are read out of its slot before the op that overwrites the slot (host copies are
 synchronous memcpys in the executor; writes into async tiers take a snapshot first).
 
-Async writes and reads (every tier but the first) count against ``max_bytes_in_flight``: a
+Async writes and reads (disk and remote; host copies are synchronous) count against ``max_bytes_in_flight``: a
 write that would exceed it is dropped (``Write`` not issued, a ``dropped`` count), an onboard
 that would exceed it is not planned (``reserve`` is False; the caller recomputes or retries).
 """
@@ -52,8 +54,9 @@ class TierConfig:
 @dataclass(frozen=True)
 class PlacementConfig:
     """``tiers``: fastest first, each tier at most once. ``block_bytes``: the size of one
-    stored block (all layers' K and V). The first tier is synchronous (memcpy); later tiers'
-    transfers count against ``max_bytes_in_flight``."""
+    stored block (all layers' K and V). The host tier is synchronous (memcpys on the engine
+    thread); disk and remote transfers are asynchronous and count against
+    ``max_bytes_in_flight``."""
 
     tiers: tuple[TierConfig, ...]
     block_bytes: int
@@ -183,8 +186,9 @@ class TierPlacement:
         return None
 
     def is_async(self, tier: Tier) -> bool:
-        """Transfers of every tier after the first are asynchronous (they count in flight)."""
-        return tier is not self._order[0]
+        """Disk and remote transfers are asynchronous (they count in flight); host copies are
+        memcpys done within the step."""
+        return tier is not Tier.HOST
 
     # ------------------------------------------------------------------ reads (onboard)
 
@@ -257,15 +261,15 @@ class TierPlacement:
         return True
 
     def commit(self, tier: Tier, block_hash: int, ok: bool) -> None:
-        """A ``Write`` into ``tier`` finished: ``ok`` makes the entry ready (most recently
-        used), else its slot is freed (a failed write is a miss later, never wrong data).
-        Async writes release their bytes in flight. An unknown entry is a ValueError."""
+        """A ``Write`` into an async ``tier`` finished: ``ok`` makes the entry ready (most
+        recently used), else its slot is freed (a failed write is a miss later, never wrong
+        data); its bytes in flight are released. Host writes need no commit: their entries
+        are ready when planned. An unknown entry is a ValueError."""
         t = self._tiers[tier]
         entry = t.entries.get(block_hash)
         if entry is None or entry.state is not State.WRITING:
             raise ValueError(f"no write of {block_hash} in flight to {tier}")
-        if self.is_async(tier):
-            self.unreserve(self.config.block_bytes)
+        self.unreserve(self.config.block_bytes)
         if ok:
             entry.state = State.READY
             t.lru[block_hash] = None
@@ -291,7 +295,12 @@ class TierPlacement:
                 self.unreserve(self.config.block_bytes)
             t.counters.dropped += 1
             return writes
-        t.entries[block_hash] = _Entry(slot, State.WRITING)
+        if self.is_async(tier):
+            t.entries[block_hash] = _Entry(slot, State.WRITING)
+        else:  # a host copy: done by the executor in write order, before anything reads it
+            t.entries[block_hash] = _Entry(slot, State.READY)
+            t.lru[block_hash] = None
+            t.counters.stored += 1
         writes.append(Write(block_hash, src, src_slot, tier, slot))
         nxt = self._next(tier)
         if self.config.write_through and nxt is not None:

@@ -50,7 +50,9 @@ class BlockCopier:
         a CPU uint8 tensor of that shape, e.g. pinned staging memory)."""
         n = len(block_ids)
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)  # [n]
-        staging = torch.empty((n, self.num_layers, 2, self.row), dtype=self.word, device=self.device)
+        staging = torch.empty(
+            (n, self.num_layers, 2, self.row), dtype=self.word, device=self.device
+        )
         for layer in range(self.num_layers):
             torch.index_select(self._k[layer], 0, ids, out=staging[:, layer, 0])
             torch.index_select(self._v[layer], 0, ids, out=staging[:, layer, 1])
