@@ -30,6 +30,7 @@ class BuiltEngine:
     context_length: int
     model_name: str  # the name clients use (``--served-model-name`` or the model's)
     block_size: int  # KV block size: the router hashes prompts with it
+    kv_tiers: Any = None  # engine.kv_tiers.KvTiers when lower KV tiers are configured
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     context = spec.context_length or loaded.config.max_position_embeddings
     # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
     # strings, so the engine thread does not do it too.
+    tiers = _kv_tiers(spec, loaded)
+    sides = (
+        {} if tiers is None else {"connector": tiers.connector, "worker_connector": tiers.worker}
+    )
     core = build_real_core(
         loaded,
         scheduler_config(s, context),
@@ -91,9 +96,31 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
         block_size=s.block_size,
         decode=False,
         event_sink=event_sink,
+        **sides,
     )
+    if tiers is not None:
+        tiers.attach(core)
     engine = build_async_engine(core, spec.stream_interval_s)
-    return BuiltEngine(engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size)
+    return BuiltEngine(
+        engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size, tiers
+    )
+
+
+def _kv_tiers(spec: EngineSpec, loaded: Any) -> Any:
+    """The engine's KV tiers from ``spec.kv_tiers`` (None: none configured)."""
+    from tokenmill.engine.kv_tiers import GIB, TierSettings, build_tiers, layout_of
+
+    t = spec.kv_tiers
+    settings = TierSettings(
+        host_bytes=None if t.host_gib is None else int(t.host_gib * GIB),
+        disk_dir=t.disk_dir,
+        disk_bytes=int(t.disk_gib * GIB),
+        remote=t.remote,
+        nats_url=t.nats_url,
+        write_through=t.write_through,
+    )
+    layout = layout_of(loaded, spec.settings.block_size)
+    return build_tiers(settings, layout, loaded.name, str(loaded.device))
 
 
 @register("mocker")
