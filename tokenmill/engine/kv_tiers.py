@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenmill.core.events import Tier
 from tokenmill.core.kv_transfer import KvLayout
-from tokenmill.kv.tier_connector import TierConnector
+from tokenmill.kv.tier_connector import TierConnector, TierEventSink
 from tokenmill.kv.tiers import PlacementConfig, TierConfig, TierPlacement
 from tokenmill.kvstore import record
 from tokenmill.kvstore.base import BlockStore
@@ -123,10 +123,15 @@ def host_bytes_default() -> int:
 
 
 def build_tiers(
-    settings: TierSettings, layout: KvLayout, model: str, device: str = "cpu"
+    settings: TierSettings,
+    layout: KvLayout,
+    model: str,
+    device: str = "cpu",
+    tier_sink: TierEventSink | None = None,
 ) -> KvTiers | None:
     """The tiers ``settings`` name, started (a disk tier adopts what it finds; a store that
-    cannot be reached starts down and is retried). None when no tier is configured."""
+    cannot be reached starts down and is retried). None when no tier is configured.
+    ``tier_sink`` gets the tiers' KV events (``Stored`` / ``Removed`` with their tier)."""
     from tokenmill.engine.executor.kv_tiers import TierWorker  # torch
 
     block_bytes = layout.bytes_per_block
@@ -169,7 +174,7 @@ def build_tiers(
                 log.info(
                     "KV %s tier: reusing %d blocks found in %s", tier, adopted, settings.disk_dir
                 )
-    connector = TierConnector(placement, layout.block_size)
+    connector = TierConnector(placement, layout.block_size, tier_sink)
     log.info(
         "KV tiers: %s (%d bytes a block)",
         ", ".join(f"{c.tier} {c.num_blocks} blocks" for c in configs),

@@ -23,9 +23,10 @@ overwritten by the step's forward or loads, which the worker side runs after its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
-from tokenmill.core.events import Tier
+from tokenmill.core.events import KvEventData, Removed, Stored, StoredBlock, Tier
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.connector import (
     ConnectorMetadata,
@@ -35,6 +36,9 @@ from tokenmill.kv.connector import (
     SchedulerConnector,
 )
 from tokenmill.kv.tiers import Hit, TierPlacement, Write
+
+TierEventSink = Callable[[KvEventData, Tier], None]
+"""Where the tiers' KV events go (``worker.kv_publisher.KvPublisher.sink`` takes the tier)."""
 
 
 class TierMetadata(ConnectorMetadata, frozen=True, kw_only=True):
@@ -62,9 +66,12 @@ class TierConnector(SchedulerConnector):
     """Lookup, onboard and offload over ``placement`` for a pool of ``block_size`` blocks.
     ``attach(pool)`` before the first step (the eviction hook)."""
 
-    def __init__(self, placement: TierPlacement, block_size: int):
+    def __init__(
+        self, placement: TierPlacement, block_size: int, tier_sink: TierEventSink | None = None
+    ):
         self.placement = placement
         self.block_size = block_size
+        self._tier_sink = tier_sink
         self._evicted: list[tuple[int, int]] = []  # (device block id, hash), eviction order
         self._new_loads: list[KvLoad] = []
         self._new_hits: dict[str, list[Hit]] = {}
@@ -140,9 +147,24 @@ class TierConnector(SchedulerConnector):
         self._num_writes_in_flight += sum(1 for w in writes if self.placement.is_async(w.dst))
         loads, self._new_loads = self._new_loads, []
         hits, self._new_hits = self._new_hits, {}
+        self._emit()
         if not (writes or loads or self.has_pending()):
             return None
         return TierMetadata(loads=loads, writes=writes, hits=hits)
+
+    def _emit(self) -> None:
+        """KV events for the tiers' changes: ``Stored`` / ``Removed`` with the tier, runs of
+        one kind grouped. Lower-tier ``Stored`` blocks carry the chained hash only (parent
+        None, local hash 0): the placement keys by it, and routers index by it."""
+        changes = self.placement.take_changes()
+        if not changes or self._tier_sink is None:
+            return
+        for (tier, stored), group in itertools.groupby(changes, key=lambda c: (c[0], c[2])):
+            hashes = [h for _, h, _ in group]
+            data: KvEventData = (
+                Stored(None, [StoredBlock(h, 0) for h in hashes]) if stored else Removed(hashes)
+            )
+            self._tier_sink(data, tier)
 
     def update_connector_output(self, output: ConnectorOutput) -> None:
         if isinstance(output, TierOutput):
@@ -155,6 +177,7 @@ class TierConnector(SchedulerConnector):
             self._end_read(request_id, ok=True)
         for request_id in output.failed_loads:
             self._end_read(request_id, ok=False)
+        self._emit()
 
     def _end_read(self, request_id: str, ok: bool) -> None:
         entry = self._reading.pop(request_id, None)

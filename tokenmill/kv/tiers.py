@@ -139,6 +139,9 @@ class TierPlacement:
             self._tiers[tc.tier] = _TierState(tc, free_slots=deque(range(tc.num_blocks)))
         self._order = [tc.tier for tc in config.tiers]
         self.bytes_in_flight = 0
+        # (tier, block hash, True: became ready / False: left) in order, for KV events;
+        # the owner drains it (``take_changes``)
+        self._changes: list[tuple[Tier, int, bool]] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -184,6 +187,11 @@ class TierPlacement:
             if entry is not None and entry.state is State.READY:
                 return Hit(block_hash, tier, entry.slot)
         return None
+
+    def take_changes(self) -> list[tuple[Tier, int, bool]]:
+        """Entries that became ready (True) or left a tier (False) since the last call."""
+        out, self._changes = self._changes, []
+        return out
 
     def is_async(self, tier: Tier) -> bool:
         """Disk and remote transfers are asynchronous (they count in flight); host copies are
@@ -239,6 +247,7 @@ class TierPlacement:
         del t.entries[block_hash], t.lru[block_hash]
         t.free_slots.append(entry.slot)
         t.counters.invalid += 1
+        self._changes.append((tier, block_hash, False))
 
     # ------------------------------------------------------------------ writes (offload)
 
@@ -258,6 +267,7 @@ class TierPlacement:
         t.free_slots.remove(slot)
         t.entries[block_hash] = _Entry(slot, State.READY)
         t.lru[block_hash] = None
+        self._changes.append((tier, block_hash, True))
         return True
 
     def commit(self, tier: Tier, block_hash: int, ok: bool) -> None:
@@ -274,6 +284,7 @@ class TierPlacement:
             entry.state = State.READY
             t.lru[block_hash] = None
             t.counters.stored += 1
+            self._changes.append((tier, block_hash, True))
         else:
             del t.entries[block_hash]
             t.free_slots.append(entry.slot)
@@ -301,6 +312,7 @@ class TierPlacement:
             t.entries[block_hash] = _Entry(slot, State.READY)
             t.lru[block_hash] = None
             t.counters.stored += 1
+            self._changes.append((tier, block_hash, True))
         writes.append(Write(block_hash, src, src_slot, tier, slot))
         nxt = self._next(tier)
         if self.config.write_through and nxt is not None:
@@ -319,6 +331,7 @@ class TierPlacement:
         entry = t.entries.pop(victim)
         del t.lru[victim]
         t.counters.evicted += 1
+        self._changes.append((tier, victim, False))
         nxt = self._next(tier)
         if nxt is not None and not self.config.write_through:
             writes.extend(self._store(nxt, victim, tier, entry.slot))

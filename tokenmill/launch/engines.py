@@ -85,7 +85,7 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     context = spec.context_length or loaded.config.max_position_embeddings
     # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
     # strings, so the engine thread does not do it too.
-    tiers = _kv_tiers(spec, loaded)
+    tiers = _kv_tiers(spec, loaded, event_sink)
     sides = (
         {} if tiers is None else {"connector": tiers.connector, "worker_connector": tiers.worker}
     )
@@ -106,8 +106,11 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     )
 
 
-def _kv_tiers(spec: EngineSpec, loaded: Any) -> Any:
-    """The engine's KV tiers from ``spec.kv_tiers`` (None: none configured)."""
+def _kv_tiers(spec: EngineSpec, loaded: Any, event_sink: KvEventSink) -> Any:
+    """The engine's KV tiers from ``spec.kv_tiers`` (None: none configured). A sink that
+    takes a tier (the worker's ``KvPublisher.sink``) also gets the tiers' events."""
+    import inspect
+
     from tokenmill.engine.kv_tiers import GIB, TierSettings, build_tiers, layout_of
 
     t = spec.kv_tiers
@@ -120,7 +123,9 @@ def _kv_tiers(spec: EngineSpec, loaded: Any) -> Any:
         write_through=t.write_through,
     )
     layout = layout_of(loaded, spec.settings.block_size)
-    return build_tiers(settings, layout, loaded.name, str(loaded.device))
+    takes_tier = len(inspect.signature(event_sink).parameters) >= 2
+    tier_sink = event_sink if takes_tier else None
+    return build_tiers(settings, layout, loaded.name, str(loaded.device), tier_sink)
 
 
 @register("mocker")
