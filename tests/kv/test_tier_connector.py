@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tokenmill.core.events import Removed, Stored, Tier
+from tokenmill.core.events import Removed, Tier
 from tokenmill.kv.block_pool import BlockPool
 from tokenmill.kv.tier_connector import TierConnector, TierMetadata, TierOutput
 from tokenmill.kv.tiers import Hit, PlacementConfig, TierConfig, TierPlacement, Write
