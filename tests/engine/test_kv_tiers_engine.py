@@ -6,6 +6,7 @@ and a recompute, never wrong text; a restarted engine reuses the disk blocks it 
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -151,4 +152,28 @@ def test_unreachable_remote_skips_offload_and_serving_goes_on(loaded, baseline, 
     assert run(core, conversations()) == baseline
     stats = tiers.stats()["remote"]
     assert stats["unavailable"] == 1 and onboarded(tiers) == 0
+    tiers.io.close()
+
+
+def test_abort_while_loading_holds_the_blocks_until_the_load_ends(loaded, tmp_path):
+    core, tiers = make_core(
+        loaded, TierSettings(host_bytes=0, disk_dir=str(tmp_path), disk_bytes=GIB // 64)
+    )
+    prompts = conversations()
+    run(core, prompts[:6])
+    gate = threading.Event()
+    tiers.io.stores[Tier.DISK]._pool.submit(gate.wait)  # the disk thread stalls: reads queue up
+    core.add_request(EngineRequest(request_id="late", prompt_token_ids=prompts[6], params=GREEDY))
+    core.step()
+    assert core.scheduler.num_waiting_for_remote_kv == 1  # parked while its history loads
+    core.abort_requests(["late"])
+    core.step()
+    held = core.scheduler.kv.num_used_blocks
+    assert held > 0 and core.has_pending_transfers()  # bytes may still land: blocks held
+    gate.set()
+    while core.has_pending_transfers():
+        core.step()
+    core.check_integrity()
+    assert core.scheduler.kv.num_used_blocks == 0 and not core.has_unfinished_requests()
+    assert tiers.connector.placement.bytes_in_flight == 0
     tiers.io.close()
