@@ -97,7 +97,11 @@ class Engine:
             self.num_prompt_tokens += len(prompt)
             core.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt, params=params))
         while core.has_unfinished_requests():
-            for o in core.step():
+            num_steps = core.num_steps
+            outputs = core.step()
+            if core.num_steps == num_steps:  # nothing to compute (loads in flight): as the
+                time.sleep(0.0005)  # engine loop does, wait instead of spinning on the GIL
+            for o in outputs:
                 if o.new_token_ids and o.request_id not in first:
                     first[o.request_id] = time.perf_counter() - start
                 out[o.request_id] += o.new_token_ids

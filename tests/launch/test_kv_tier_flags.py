@@ -58,7 +58,14 @@ def test_bad_values_exit_2(argv, message, capsys):
 def test_the_real_engine_gets_the_tiers_it_was_given(tiny_model_dir, tmp_path):
     built = engines.build_engine(
         spec(
-            "--model", str(tiny_model_dir), "--kv-host-gib", "0.01", "--kv-disk-dir", str(tmp_path)
+            "--model",
+            str(tiny_model_dir),
+            "--dtype",
+            "fp32",
+            "--kv-host-gib",
+            "0.01",
+            "--kv-disk-dir",
+            str(tmp_path),
         )
     )
     try:
@@ -71,6 +78,8 @@ def test_the_real_engine_gets_the_tiers_it_was_given(tiny_model_dir, tmp_path):
         assert 'tokenmill_kv_tier_onboarded_bytes_total{tier="host"} 0.0' in text
     finally:
         built.engine.shutdown()
-    off = engines.build_engine(spec("--model", str(tiny_model_dir), "--kv-host-gib", "0"))
+    off = engines.build_engine(
+        spec("--model", str(tiny_model_dir), "--dtype", "fp32", "--kv-host-gib", "0")
+    )
     assert off.kv_tiers is None
     off.engine.shutdown()

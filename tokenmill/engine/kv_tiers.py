@@ -33,8 +33,9 @@ from tokenmill.kvstore.remote import NatsObjectStore, RedisStore
 log = logging.getLogger(__name__)
 GIB = 1 << 30
 HOST_FREE_FRACTION = 0.25  # the default host tier: this much of the memory available at start
+HOST_DEFAULT_CAP = 32 * GIB  # ... at most (pinned memory on CUDA is slow to allocate)
 DEFAULT_REMOTE = "redis://127.0.0.1:6379"  # the faster remote backend (docs/kv_tiers.md)
-REMOTE_NUM_BLOCKS = 1 << 20  # what one worker tracks of the shared store (it evicts itself)
+REMOTE_NUM_BLOCKS = 1 << 16  # what one worker tracks of the shared store (it evicts itself)
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,14 @@ class KvTiers:
 
 
 def host_bytes_default() -> int:
-    """``HOST_FREE_FRACTION`` of the memory available now (Linux; 0 where unknown)."""
+    """``HOST_FREE_FRACTION`` of the memory available now, at most ``HOST_DEFAULT_CAP``
+    (Linux; 0 where unknown). Several workers on one machine should each be given
+    ``--kv-host-gib``: each one's default is taken from the same free memory."""
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 0
-    return int(free * HOST_FREE_FRACTION)
+    return min(int(free * HOST_FREE_FRACTION), HOST_DEFAULT_CAP)
 
 
 def build_tiers(
