@@ -95,6 +95,9 @@ class TierWorker(WorkerConnector):
         batch: list[Write] = []  # device -> host, not yet copied
         for w in writes:
             if w.src is Tier.DEVICE and w.dst is Tier.HOST:
+                # a slot written twice in one plan (its first block evicted again at once):
+                # only the last copy is live, and one index_copy_ must not see both
+                batch = [b for b in batch if b.dst_slot != w.dst_slot]
                 batch.append(w)
                 continue
             if w.src is Tier.HOST and any(b.dst_slot == w.src_slot for b in batch):
