@@ -121,3 +121,18 @@ def test_outage_is_skipped_then_the_store_is_used_again(remote):
         pytest.fail("the store was not used again after it came back")
     io.get(Tier.REMOTE, 0, 1)
     assert wait_one(io).ok and io.health[Tier.REMOTE].up
+
+
+def test_a_store_down_at_start_is_retried_and_used_when_it_comes_up(nats_server):
+    nats_server._kill()  # down before the tier starts
+    clock = FakeClock()
+    io = TierIO([make_store("nats", nats_server)], clock=clock)
+    try:
+        assert io.start() == {Tier.REMOTE: []}
+        assert not io.health[Tier.REMOTE].up and io.stats[Tier.REMOTE].failures == 1
+        nats_server.start()
+        clock.now += 1.0
+        io.put(Tier.REMOTE, 0, 1, data(1))
+        assert wait_one(io).ok and io.health[Tier.REMOTE].up
+    finally:
+        io.close()

@@ -22,6 +22,10 @@ from nats.js.api import ObjectStoreConfig
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 
+async def _quiet(_: Exception) -> None:
+    pass
+
+
 class ObjectStoreUnavailable(ConnectionError):
     """The NATS server or its JetStream object store cannot be used right now."""
 
@@ -41,13 +45,17 @@ class ObjectBucket:
         """Connects (raises ``ObjectStoreUnavailable`` if the server does not answer within
         ``timeout_s``) and creates the bucket if it does not exist (``max_bytes``: its cap;
         JetStream then refuses puts beyond it)."""
-        try:
-            nc = await nats.connect(
-                url,
-                connect_timeout=timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
+        try:  # reconnects forever once connected; the first connect is bounded here
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    connect_timeout=timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    allow_reconnect=True,
+                    error_cb=_quiet,  # the tier logs its store going down once, not each try
+                ),
+                timeout_s,
             )
         except (TimeoutError, OSError, NatsError) as exc:
             raise ObjectStoreUnavailable(f"cannot reach NATS at {url}: {exc}") from exc
