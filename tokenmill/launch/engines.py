@@ -102,7 +102,7 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
         tiers.attach(core)
     engine = build_async_engine(core, spec.stream_interval_s)
     return BuiltEngine(
-        engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size, tiers
+        engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size, kv_tiers=tiers
     )
 
 
