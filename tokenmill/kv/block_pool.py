@@ -20,7 +20,7 @@ tail first, so a finished request's last block goes before its shared prefix.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from tokenmill.core.events import Cleared, KvEventSink, Removed, Stored, StoredBlock, null_sink
@@ -39,6 +39,9 @@ class BlockPool:
         self._free_plain: deque[int] = deque(range(num_blocks))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # block id, LRU first
         self._cache: dict[int, int] = {}  # block hash -> block id
+        # called with (block ids, their hashes) as cached blocks are evicted for reuse, before
+        # ``Removed``; the ids are handed out right after (a KV tier copies them out first)
+        self.evict_hook: Callable[[list[int], list[int]], None] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -109,6 +112,8 @@ class BlockPool:
             self._hash[block_id] = None
             evicted.append(block_id)
             hashes.append(block_hash)
+        if self.evict_hook is not None:
+            self.evict_hook(evicted, hashes)
         self._sink(Removed(hashes))
         return evicted
 

@@ -10,6 +10,7 @@ Builders block (loading weights): call ``build_engine`` off the event loop. Heav
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from tokenmill.core.events import KvEventSink, null_sink
 from tokenmill.launch.specs import EngineSettings, EngineSpec
+
+log = logging.getLogger(__name__)
 
 MOCKER_MIN_CONTEXT = 131_072  # mocker workers take real traces' long prompts
 
@@ -32,6 +35,7 @@ class BuiltEngine:
     block_size: int  # KV block size: the router hashes prompts with it
     kv_layout: Any = None  # core.kv_transfer.KvLayout of a real engine (its model card)
     role: str = "both"  # the disaggregation role its KV connector serves
+    kv_tiers: Any = None  # engine.kv_tiers.KvTiers when lower KV tiers are configured
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,21 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     s = spec.settings
     loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     layout = kv_layout(loaded.config, str(loaded.dtype).removeprefix("torch."), s.block_size)
-    connectors = {}
-    if spec.role != "both":  # P/D roles move KV blocks: NIXL must load (a clear error if not)
+    # One connector per engine: P/D roles move KV blocks over NIXL (a clear error if it does
+    # not load); an aggregated engine gets the lower KV tiers. A P/D worker runs without
+    # tiers until a connector that composes both exists (said once in the log).
+    connectors: dict[str, Any] = {}
+    tiers = None
+    if spec.role != "both":
         sched_side, worker_side = build_pd_connectors(layout, spec.kv_transfer_timeout_s)
         connectors = {"connector": sched_side, "worker_connector": worker_side}
+        t = spec.kv_tiers
+        if t.disk_dir or t.remote or (t.host_gib or 0) > 0:
+            log.warning("--role %s: lower KV tiers are off on P/D workers", spec.role)
+    else:
+        tiers = _kv_tiers(spec, layout, loaded.name, str(loaded.device), event_sink)
+        if tiers is not None:
+            connectors = {"connector": tiers.connector, "worker_connector": tiers.worker}
     cache = None if s.num_blocks is None else CacheConfig(s.block_size, s.num_blocks)
     context = spec.context_length or loaded.config.max_position_embeddings
     # decode=False: outputs carry token ids only; the frontend detokenizes and applies stop
@@ -105,10 +120,42 @@ def _real(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
         event_sink=event_sink,
         **connectors,
     )
+    if tiers is not None:
+        tiers.attach(core)
     engine = build_async_engine(core, spec.stream_interval_s)
     return BuiltEngine(
-        engine, loaded.tokenizer, core.max_model_len, loaded.name, s.block_size, layout, spec.role
+        engine,
+        loaded.tokenizer,
+        core.max_model_len,
+        loaded.name,
+        s.block_size,
+        layout,
+        spec.role,
+        kv_tiers=tiers,
     )
+
+
+def _kv_tiers(
+    spec: EngineSpec, layout: Any, model: str, device: str, event_sink: KvEventSink
+) -> Any:
+    """The engine's KV tiers from ``spec.kv_tiers`` (None: none configured). A sink that
+    takes a tier (the worker's ``KvPublisher.sink``) also gets the tiers' events."""
+    import inspect
+
+    from tokenmill.engine.kv_tiers import GIB, TierSettings, build_tiers
+
+    t = spec.kv_tiers
+    settings = TierSettings(
+        host_bytes=None if t.host_gib is None else int(t.host_gib * GIB),
+        disk_dir=t.disk_dir,
+        disk_bytes=int(t.disk_gib * GIB),
+        remote=t.remote,
+        nats_url=t.nats_url,
+        write_through=t.write_through,
+    )
+    takes_tier = len(inspect.signature(event_sink).parameters) >= 2
+    tier_sink = event_sink if takes_tier else None
+    return build_tiers(settings, layout, model, device, tier_sink)
 
 
 @register("mocker")

@@ -30,6 +30,7 @@ from tokenmill.router.router import ROUTER_MODES
 __all__ = ["KEEP_ALIVE_S"]  # re-exported: the HTTP flags' keep-alive default
 ENGINE_KINDS = ("real", "mocker", "echo")  # == engines.ENGINES (a test checks)
 KV_ROUTER_MODES = tuple(m for m in ROUTER_MODES if m != "round-robin")
+DEFAULT_KV_REMOTE = "redis://127.0.0.1:6379"  # == engine.kv_tiers.DEFAULT_REMOTE (a test checks)
 
 Parser = argparse.ArgumentParser
 
@@ -110,6 +111,44 @@ def add_engine(p: Parser) -> None:
         "wait to be sent together (0: every step's outputs at once)",
     )
     add_engine_settings(p)
+    add_kv_tiers(p)
+
+
+def _kv_remote(text: str) -> str:
+    if text == "nats" or text.startswith("redis://"):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'nats' or redis://HOST:PORT, got {text!r}")
+
+
+def add_kv_tiers(p: Parser) -> None:
+    """The lower KV tiers of the real engine (docs/kv_tiers.md): host memory on by default,
+    disk and a shared remote store off until named."""
+    g = p.add_argument_group("KV tiers")
+    g.add_argument(
+        "--kv-host-gib",
+        type=NON_NEGATIVE,
+        default=None,
+        help="host-memory KV tier in GiB (default: a quarter of the free memory; 0: off)",
+    )
+    g.add_argument("--kv-disk-dir", default=None, help="directory of a local-disk KV tier")
+    g.add_argument(
+        "--kv-disk-gib", type=POSITIVE, default=10.0, help="size of the disk tier in GiB (10)"
+    )
+    g.add_argument(
+        "--kv-remote",
+        type=_kv_remote,
+        nargs="?",
+        const=DEFAULT_KV_REMOTE,
+        default=None,
+        help="shared KV tier: 'nats' (the deployment's JetStream object store) or "
+        f"redis://HOST:PORT; alone: {DEFAULT_KV_REMOTE} (Redis measured faster)",
+    )
+    g.add_argument(
+        "--kv-write-through",
+        action="store_true",
+        help="a block leaving the device is written to every lower tier at once "
+        "(default: write-back, each tier passes it on when it evicts it)",
+    )
 
 
 def add_engine_settings(p: Parser, defaults: EngineSettings | None = None) -> None:

@@ -42,6 +42,42 @@ def _settings(args: Namespace, defaults: EngineSettings) -> EngineSettings:
 
 
 @dataclass(frozen=True)
+class KvTierSpec:
+    """The lower KV tiers of a real engine (docs/kv_tiers.md). ``host_gib`` None: a quarter
+    of the free memory; 0: no host tier. ``disk_dir`` None: no disk tier. ``remote``: None,
+    ``"nats"`` (the deployment's NATS at ``nats_url``) or ``redis://HOST:PORT``."""
+
+    host_gib: float | None = None
+    disk_dir: str | None = None
+    disk_gib: float = 10.0
+    remote: str | None = None
+    write_through: bool = False
+    # resolved from --nats where the command has it; a property of the process, not the engine
+    nats_url: str | None = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> KvTierSpec:
+        return cls(
+            host_gib=args.kv_host_gib,
+            disk_dir=args.kv_disk_dir,
+            disk_gib=args.kv_disk_gib,
+            remote=args.kv_remote,
+            write_through=args.kv_write_through,
+            nats_url=getattr(args, "nats", None),
+        )
+
+    def argv(self) -> list[str]:
+        argv = ["--kv-disk-gib", str(self.disk_gib)]
+        if self.host_gib is not None:
+            argv += ["--kv-host-gib", str(self.host_gib)]
+        if self.disk_dir is not None:
+            argv += ["--kv-disk-dir", self.disk_dir]
+        if self.remote is not None:
+            argv += ["--kv-remote", self.remote]
+        return argv + (["--kv-write-through"] if self.write_through else [])
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """What engine a process runs (``engines.build_engine`` builds it)."""
 
@@ -57,6 +93,7 @@ class EngineSpec:
     stream_interval_ms: float = 1.0  # AsyncEngine.output_interval_s, in ms
     role: str = "both"  # prefill / decode: the engine gets the NIXL KV connector
     kv_transfer_timeout_s: float = 30.0  # held blocks' lease; a READ's deadline
+    kv_tiers: KvTierSpec = KvTierSpec()
 
     @classmethod
     def from_args(cls, args: Namespace) -> EngineSpec:
@@ -73,6 +110,7 @@ class EngineSpec:
             stream_interval_ms=args.stream_interval_ms,
             role=getattr(args, "role", "both"),
             kv_transfer_timeout_s=getattr(args, "kv_transfer_timeout_s", 30.0),
+            kv_tiers=KvTierSpec.from_args(args),
         )
 
     @property
@@ -106,6 +144,7 @@ class EngineSpec:
             ("--context-length", self.context_length),
         )
         argv += [str(x) for flag, value in optional if value is not None for x in (flag, value)]
+        argv += self.kv_tiers.argv()
         defaults = ENGINE_DEFAULTS[self.kind]
         for name in SETTING_FLAGS:
             value = getattr(self.settings, name)

@@ -65,11 +65,22 @@ async def build_local_stack(engine: EngineSpec, config: Any, router: RouterSpec)
     built: BuiltEngine = await asyncio.to_thread(build_engine, engine)
     model = ServedModel(built.model_name, built.tokenizer, built.context_length, int(time.time()))
     policy = local_policy(router, built.block_size)
-    return await assemble_local_stack(built.engine, model, config, policy)
+    return await assemble_local_stack(built.engine, model, config, policy, _metrics(built))
+
+
+def _metrics(built: BuiltEngine) -> Any:
+    """The frontend's metrics, with the engine's KV tier metrics when it has tiers."""
+    from tokenmill.frontend.metrics import FrontendMetrics
+    from tokenmill.kvstore.metrics import TierCollector
+
+    metrics = FrontendMetrics()
+    if built.kv_tiers is not None:
+        metrics.registry.register(TierCollector(built.kv_tiers.stats))
+    return metrics
 
 
 async def assemble_local_stack(
-    engine: Any, model: Any, config: Any, policy: Any = None
+    engine: Any, model: Any, config: Any, policy: Any = None, metrics: Any = None
 ) -> LocalStack:
     """Worker over ``engine`` on a fresh in-process runtime, dispatcher (``policy`` None: round
     robin), load tracker, app."""
@@ -85,7 +96,7 @@ async def assemble_local_stack(
     client = runtime.client(worker.config.endpoint)
     loads = LoadTracker(runtime, client)
     loads.start()
-    app = build_app(model, Dispatcher(client, policy), config, loads.loads)
+    app = build_app(model, Dispatcher(client, policy), config, loads.loads, metrics)
     return LocalStack(app, model, engine, runtime, worker, loads)
 
 

@@ -71,7 +71,7 @@ class KvPublisher:
         self.ring: collections.deque[KvEvent] = collections.deque(maxlen=self.config.ring_size)
         self.blocks: dict[Tier, dict[int, tuple[int | None, int]]] = {}  # hash -> parent, local
         self._pending: list[KvEvent] = []
-        self._inbox: list[KvEventData] = []  # from the engine thread, not yet numbered
+        self._inbox: list[tuple[KvEventData, Tier]] = []  # from the engine thread, not numbered
         self._inbox_lock = threading.Lock()
         self._inbox_posted = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,14 +83,15 @@ class KvPublisher:
         self.instance_id = instance_id
         self._loop = asyncio.get_running_loop()
 
-    def sink(self, data: KvEventData) -> None:
-        """The engine's ``event_sink``: thread-safe, never blocks. Events wait in an inbox;
-        the event loop is woken only when the inbox was empty (one wake-up per burst)."""
+    def sink(self, data: KvEventData, tier: Tier = Tier.DEVICE) -> None:
+        """The engine's ``event_sink`` (``tier``: a lower KV tier's events): thread-safe,
+        never blocks. Events wait in an inbox; the event loop is woken only when the inbox
+        was empty (one wake-up per burst)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         with self._inbox_lock:
-            self._inbox.append(data)
+            self._inbox.append((data, tier))
             if self._inbox_posted:
                 return
             self._inbox_posted = True
@@ -103,8 +104,8 @@ class KvPublisher:
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, []
             self._inbox_posted = False
-        for data in inbox:
-            self.record(data, Tier.DEVICE)
+        for data, tier in inbox:
+            self.record(data, tier)
 
     def record(self, data: KvEventData, tier: Tier = Tier.DEVICE) -> KvEvent:
         """Numbers ``data`` and applies it locally; published with the batch it joins."""
