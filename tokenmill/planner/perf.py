@@ -1,22 +1,20 @@
 """Latency of a pool of ``n`` workers under a demand, from a worker's timing profile.
 
 For a demand of ``rate`` requests/s with mean input ``isl``, output ``osl`` and prefix-cache
-hit ``hit`` (``Demand``), spread evenly over ``n`` workers:
+hit ``hit`` (``Demand``; plus a backlog of waiting prompt tokens to work off within
+``backlog_horizon_s``), spread evenly over ``n`` workers, the mean step time ``T`` of a
+worker is the fixed point of
 
-- prefill work: ``rate * isl * (1 - hit)`` new prompt tokens/s (plus a backlog of waiting
-  prompt tokens to work off within ``backlog_horizon_s``); a worker prefills at most
-  ``chunk * 1000 / prefill_ms(chunk)`` tokens/s (``chunk`` = ``max_num_batched_tokens``), so
-  its prefill utilisation is ``rho = work / (n * that)``;
-- decode: by Little's law ``rate * osl * itl`` requests are decoding at once, each holding
-  ``isl + osl / 2`` tokens on average; a worker's step takes ``itl_ms(batch, context)``
-  from the profile; in an aggregated pool prefill chunks share the steps, so the ITL a
-  request sees is that over ``1 - rho`` (solved as a fixed point, since the batch depends on
-  the ITL);
-- TTFT: the request's own prefill (``prefill_time_ms(isl, hit)`` plus, in an aggregated pool,
-  one decode step per prefill chunk) plus an M/D/1 queue wait ``rho / (2 (1 - rho))`` times
-  that service time;
-- a pool whose decoding requests need more KV tokens than it holds, or with ``rho >= 1``,
-  has infinite latency.
+    T = itl_ms(batch, isl + osl / 2) + P * prefill_time_ms(new prompt tokens per ms * T / P)
+    P = 1 - exp(-requests per ms * T)       batch = requests per ms * osl * T   (Little)
+
+(a continuously batching worker pays the decode step of its running batch every step, and a
+prefill of what arrived since the last one in the steps that found a new request; the mocker
+prices a step exactly so, and the profile measures both terms). The ITL a request sees is
+``T``; its TTFT ``1.5 T`` (the rest of the current step, then its own) plus a full chunk per
+extra chunk of a long prompt. A prefill pool has no decode term, a decode pool no prefill
+term. Latency is infinite when prompts arrive faster than full chunks clear them, or the
+decoding requests outgrow ``max_num_seqs`` or the KV pool.
 
 ``replicas_needed`` is the smallest ``n`` in ``[1, max_n]`` whose predicted TTFT and ITL are
 within ``headroom`` times the targets, else ``max_n``. Pure functions of their arguments.
@@ -61,46 +59,52 @@ class Latency:
 class PerfModel:
     def __init__(self, profile: TimingProfile, watermark: float = 0.01):
         self.profile = profile
-        chunk = profile.max_num_batched_tokens
-        self.prefill_tokens_per_s = chunk * 1000.0 / profile.prefill_time_ms(chunk)
         self.kv_tokens = profile.kv_capacity_tokens * (1.0 - watermark)
 
     def latency(self, n: int, demand: Demand, role: str = "both") -> Latency:
         """Predicted mean TTFT and ITL (ms) of pool ``role`` with ``n`` workers."""
         if n <= 0:
             return Latency(INF, INF, INF, INF)
-        prof = self.profile
-        rho = demand.new_prompt_tokens_per_s / (n * self.prefill_tokens_per_s)
-        if role == "decode":
-            rho = 0.0  # prompts are prefilled elsewhere
-        if rho >= 1.0:
-            return Latency(INF, INF, rho, INF)
+        prof, chunk = self.profile, self.profile.max_num_batched_tokens
+        rate = demand.rate / n / 1000.0  # requests per ms per worker
+        tokens = demand.new_prompt_tokens_per_s / n / 1000.0  # new prompt tokens per ms
         context = demand.isl + demand.osl / 2.0
-        itl, batch = self._decode(n, demand, context, rho)
-        if role == "prefill":
-            itl, batch = 0.0, 0.0
-        service = prof.prefill_time_ms(demand.isl, demand.hit)
-        if role == "both" and batch > 0:
-            chunks = math.ceil(demand.isl * (1.0 - demand.hit) / prof.max_num_batched_tokens)
-            service += max(1, chunks) * prof.itl_ms(batch, context)
-        ttft = INF if role == "decode" else service * (1.0 + rho / (2.0 * (1.0 - rho)))
-        return Latency(0.0 if role == "decode" else ttft, itl, rho, batch)
+        if role == "decode":
+            rate = tokens = 0.0  # prompts are prefilled elsewhere
+        step, batch = self._step(rate, tokens, demand, context, role)
+        if math.isinf(step):
+            return Latency(INF, INF, 1.0, batch)
+        rho = min(1.0, tokens * prof.prefill_time_ms(chunk) / chunk)
+        extra = max(0, math.ceil(demand.isl * (1.0 - demand.hit) / chunk) - 1)
+        ttft = 1.5 * step + extra * prof.prefill_time_ms(chunk)
+        return Latency(
+            0.0 if role == "decode" else ttft, 0.0 if role == "prefill" else step, rho, batch
+        )
 
-    def _decode(self, n: int, d: Demand, context: float, rho: float) -> tuple[float, float]:
-        """(ITL ms, decoding requests per worker) at the fixed point of Little's law."""
-        if d.rate <= 0 or d.osl <= 1:
-            return 0.0, 0.0
-        itl = self.profile.itl_ms(1, context) / (1.0 - rho)
-        batch = 0.0
-        for _ in range(20):
-            batch = d.rate * d.osl * itl / 1000.0 / n
-            if batch > self.profile.max_num_seqs or batch * context > self.kv_tokens:
+    def _step(
+        self, rate: float, tokens: float, d: Demand, context: float, role: str
+    ) -> tuple[float, float]:
+        """(mean step ms, decoding requests per worker) at the fixed point of: a step takes
+        the decode time of its batch plus, when a request arrived during the previous step
+        (probability ``1 - exp(-rate * T)``), the prefill of the tokens that arrived since
+        the last prefill; the batch is Little's law ``rate * osl * T``."""
+        prof, chunk = self.profile, self.profile.max_num_batched_tokens
+        decodes = role != "prefill" and d.osl > 1
+        step, batch = 1.0, 0.0
+        for _ in range(100):
+            batch = rate * d.osl * step if decodes else 0.0
+            if batch > prof.max_num_seqs or batch * context > self.kv_tokens:
                 return INF, batch
-            new = self.profile.itl_ms(max(1.0, batch), context) / (1.0 - rho)
-            if abs(new - itl) < 1e-3:
-                break
-            itl = new
-        return itl, batch
+            p = 1.0 - math.exp(-rate * step) if tokens > 0 else 0.0
+            per_prefill = tokens * step / p if p > 0 else 0.0
+            if per_prefill > chunk:
+                return INF, batch  # prompts arrive faster than full chunks clear them
+            new = prof.itl_ms(max(1.0, batch), context) if decodes else 0.0
+            new += p * prof.prefill_time_ms(per_prefill) if p > 0 else 0.0
+            if abs(new - step) < 1e-4:
+                return new, batch
+            step = new
+        return step, batch
 
     def replicas_needed(
         self,

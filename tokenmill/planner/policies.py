@@ -7,7 +7,9 @@ governor's hysteresis band). A policy keeps per-pool state (predictors) and is r
   with the configured predictor, mean ISL/OSL and prefix hit with a moving average, add the
   prompt tokens already waiting (router queue and schedulers) as a backlog, and ask the
   profile's ``PerfModel`` for the smallest pool whose predicted TTFT and ITL are within
-  ``headroom_up`` (``down``: ``headroom_down``) of the targets.
+  ``headroom_up`` (``down``: ``headroom_down``) of the targets, the targets first divided
+  by a learnt tail factor (EWMA of the observed p90 over the model's mean at the current
+  size: the SLA is met per request, the model predicts means).
 - ``load``: thresholds, no profile: ``up = current + 1`` when the KV usage, the waiting
   requests per worker or the waiting prompt tokens per worker is above its high mark;
   ``down = current - 1`` when all are below their low marks.
@@ -55,6 +57,11 @@ class SlaConfig:
     headroom_up: float = 0.8
     headroom_down: float = 0.65
     backlog_horizon_s: float = 20.0
+    # tail correction: EWMA of observed p90 / predicted mean latency (the SLA is per request,
+    # the model predicts means), starting at ``initial_tail`` and kept in ``tail_bounds``
+    initial_tail: float = 1.5
+    tail_alpha: float = 0.3
+    tail_bounds: tuple[float, float] = (1.0, 4.0)
 
 
 class _Forecast:
@@ -73,12 +80,36 @@ class _Forecast:
             self.hit.observe(obs.prefix_hit)
 
 
+class _Tail:
+    """EWMA of observed p90 / predicted mean, for TTFT and ITL."""
+
+    def __init__(self, cfg: SlaConfig):
+        self.cfg = cfg
+        self.ttft = self.itl = cfg.initial_tail
+
+    def update(self, perf: PerfModel, pool: str, obs: PoolObservation) -> None:
+        if obs.num_up == 0 or obs.num_requests == 0:
+            return
+        now = Demand(obs.request_rate, obs.mean_isl, obs.mean_osl, obs.prefix_hit)
+        pred = perf.latency(obs.num_up, now, pool)
+        self.ttft = self._blend(self.ttft, obs.ttft_p90_ms, pred.ttft_ms)
+        self.itl = self._blend(self.itl, obs.itl_p90_ms, pred.itl_ms)
+
+    def _blend(self, old: float, observed: float | None, predicted: float) -> float:
+        if observed is None or not 0 < predicted < math.inf:
+            return old
+        lo, hi = self.cfg.tail_bounds
+        ratio = min(hi, max(lo, observed / predicted))
+        return old + self.cfg.tail_alpha * (ratio - old)
+
+
 class SlaPolicy:
     drain = True
 
     def __init__(self, perf: PerfModel, targets: Targets, config: SlaConfig = SlaConfig()):
         self.perf, self.targets, self.config = perf, targets, config
         self._forecasts: dict[str, _Forecast] = {}
+        self._tails: dict[str, _Tail] = {}
 
     def propose(
         self, now: float, pool: str, obs: PoolObservation, current: int, max_n: int
@@ -86,14 +117,16 @@ class SlaPolicy:
         cfg = self.config
         fc = self._forecasts.setdefault(pool, _Forecast(cfg.predictor))
         fc.observe(obs)
+        tail = self._tails.setdefault(pool, _Tail(cfg))
+        tail.update(self.perf, pool, obs)
         rate = max(fc.rate.predict(1), fc.rate.predict(cfg.lookahead_ticks))
         isl, osl = fc.isl.predict(), fc.osl.predict()
         backlog = obs.waiting_prefill_tokens + obs.router_queue * isl
         demand = Demand(rate, isl, osl, fc.hit.predict(), backlog, cfg.backlog_horizon_s)
-        t = self.targets
+        ttft, itl = self.targets.ttft_ms / tail.ttft, self.targets.itl_ms / tail.itl
         need = self.perf.replicas_needed
-        up = need(demand, t.ttft_ms, t.itl_ms, max_n, pool, cfg.headroom_up)
-        down = need(demand, t.ttft_ms, t.itl_ms, max_n, pool, cfg.headroom_down)
+        up = need(demand, ttft, itl, max_n, pool, cfg.headroom_up)
+        down = need(demand, ttft, itl, max_n, pool, cfg.headroom_down)
         lat = self.perf.latency(max(current, 1), demand, pool)
         inputs = {
             "observed_rate": round(obs.request_rate, 4),
@@ -102,6 +135,8 @@ class SlaPolicy:
             "predicted_osl": round(osl, 1),
             "predicted_hit": round(demand.hit, 4),
             "backlog_prefill_tokens": backlog,
+            "tail_ttft": round(tail.ttft, 4),
+            "tail_itl": round(tail.itl, 4),
             "predicted_ttft_ms_now": _round(lat.ttft_ms),
             "predicted_itl_ms_now": _round(lat.itl_ms),
             "observed_ttft_mean_ms": obs.ttft_mean_ms,

@@ -50,7 +50,7 @@ from tokenmill.router.router import KvRouter, Queued, Routed, RouterConfig
 from tokenmill.sim.report import RequestRecord, build_report
 from tokenmill.sim.trace import TraceRequest, TraceTokens
 
-_COMPLETE, _ARRIVAL, _START = 0, 1, 2
+_COMPLETE, _ARRIVAL, _START, _CONTROL = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,10 @@ class Replay:
                 self.now = t
                 if kind == _COMPLETE:
                     self._complete(w, payload)
-                else:
+                elif kind == _START:
                     self._start(w)
+                else:
+                    payload()  # a control event (``sim.cluster``: planner ticks, workers up)
             else:
                 self.now = t_arr
                 self._arrive(self.requests[self._next])
