@@ -17,7 +17,7 @@ from tokenmill.launch.specs import MOCKER_DEFAULTS
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("replay", help="simulate a trace on router + mocker workers")
-    p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
+    p.add_argument("--trace", required=True, help="Mooncake JSONL, Azure CSV or AIBrix JSONL")
     p.add_argument("--workers", type=int, default=8)
     flags.add_router_mode(p, default="kv")
     p.add_argument("--output", default=None, help="report JSON path")
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--save-requests", action="store_true", help="per-request records in the report JSON"
     )
+    flags.add_planner(p, replay=True)
     p.set_defaults(func=run)
 
 
@@ -78,6 +79,8 @@ def build_config(args: argparse.Namespace):
         watermark=args.watermark,
         seed=args.seed,
         fast_forward=not args.no_fast_forward,
+        sla_ttft_ms=args.slo_ttft_ms,
+        sla_itl_ms=args.slo_itl_ms,
         router=router,
     )
 
@@ -86,21 +89,32 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from tokenmill.engine.mocker import ProfileTiming
+    from tokenmill.launch.planning import plot_timeline, run_planned_replay
+    from tokenmill.launch.profiling import load_step_timing
+    from tokenmill.launch.specs import PlannerSpec
+    from tokenmill.sim.cluster import static_cost_metrics
     from tokenmill.sim.replay import Replay
     from tokenmill.sim.report import request_json
-    from tokenmill.sim.trace import read_mooncake
+    from tokenmill.sim.workload import read_trace
 
     cfg = build_config(args)
-    requests = read_mooncake(args.trace, args.max_requests, args.arrival_speed)
-    timing = ProfileTiming.load(args.timing_profile) if args.timing_profile else None
+    planner = PlannerSpec.from_args(args)
+    requests = read_trace(args.trace, args.max_requests, args.arrival_speed, args.trace_block_size)
+    timing = load_step_timing(args.timing_profile) if args.timing_profile else None
     t0 = time.perf_counter()
-    replay = Replay(cfg, requests, timing)
-    report = replay.run()
+    if planner.mode is None:
+        replay = Replay(cfg, requests, timing)
+        report = replay.run()
+        report.update(static_cost_metrics(report, args.workers))
+    else:
+        report, replay = run_planned_replay(planner, cfg, requests, timing)
+        if args.timeline_plot:
+            plot_timeline(report, args.timeline_plot)
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     report["config"] = {
         "router_mode": args.router_mode,
         "workers": args.workers,
+        "planner": planner.mode,
         "arrival_speed": args.arrival_speed,
         "seed": args.seed,
         "trace": args.trace,
@@ -115,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.router_mode}: {report['completed']} requests, TTFT mean {_f(ttft['mean'], 1)} "
         f"p99 {_f(ttft['p99'], 1)} ms, ITL mean {_f(report['itl']['mean'], 2)} ms, "
         f"reuse {_f(report['kv_reuse_ratio'], 3)}, shed {report['shed_requests']}, "
+        f"SLA {_f(report['sla_attainment'], 4)}, {report['worker_seconds']:.0f} worker-s, "
         f"wall {report['wall_s']} s"
     )
     return 0

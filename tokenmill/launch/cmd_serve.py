@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_frontend(p)
     flags.add_router_mode(p)
     flags.add_fleet(p)
+    flags.add_planner(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     http = specs.HttpSpec.from_args(args)
     config = specs.frontend_config(args)
     router = specs.RouterSpec.from_args(args)
-    if args.workers > 0:
+    planner = specs.PlannerSpec.from_args(args)
+    if args.workers > 0 or planner.mode is not None:
         fleet = specs.FleetSpec.from_args(args)
-        return servers.serve_fleet(engine, fleet, http, config, router)
+        return servers.serve_fleet(engine, fleet, http, config, router, planner)
     return servers.serve_local(engine, http, config, router)

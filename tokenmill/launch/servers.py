@@ -43,14 +43,24 @@ def serve_frontend(runtime: RuntimeSpec, http: HttpSpec, config: Any, router: Ro
 
 
 def serve_fleet(
-    engine: EngineSpec, fleet: FleetSpec, http: HttpSpec, config: Any, router: RouterSpec
+    engine: EngineSpec,
+    fleet: FleetSpec,
+    http: HttpSpec,
+    config: Any,
+    router: RouterSpec,
+    planner: Any = None,
 ) -> int:
-    """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
+    """With ``planner`` (a ``PlannerSpec`` with a mode) the planner sizes the fleet
+    (``planned_fleet.serve_planned``). Otherwise starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
     stops the workers (SIGTERM, their drain time) and NATS. Once serving, a ``Supervisor``
     restarts a dead worker (or the embedded NATS) within ``fleet.restarts``; when it cannot,
     the server stops and exits 1."""
     from tokenmill.runtime.nats_server import NatsServer
 
+    if planner is not None and planner.mode is not None:
+        from tokenmill.launch.planned_fleet import serve_planned
+
+        return serve_planned(engine, fleet, http, config, router, planner)
     start = time.monotonic()
     nats = None if fleet.nats_url else NatsServer().start()
     url = fleet.nats_url if nats is None else nats.url

@@ -8,8 +8,8 @@ governor's hysteresis band). A policy keeps per-pool state (predictors) and is r
   prompt tokens already waiting (router queue and schedulers) as a backlog, and ask the
   profile's ``PerfModel`` for the smallest pool whose predicted TTFT and ITL are within
   ``headroom_up`` (``down``: ``headroom_down``) of the targets, the targets first divided
-  by a learnt tail factor (EWMA of the observed p90 over the model's mean at the current
-  size: the SLA is met per request, the model predicts means).
+  by a learnt bias factor (EWMA of the observed mean over the model's mean at the current
+  size: what the model leaves out, such as bursts and uneven routing).
 - ``load``: thresholds, no profile: ``up = current + 1`` when the KV usage, the waiting
   requests per worker or the waiting prompt tokens per worker is above its high mark;
   ``down = current - 1`` when all are below their low marks.
@@ -57,9 +57,11 @@ class SlaConfig:
     headroom_up: float = 0.8
     headroom_down: float = 0.65
     backlog_horizon_s: float = 20.0
-    # tail correction: EWMA of observed p90 / predicted mean latency (the SLA is per request,
-    # the model predicts means), starting at ``initial_tail`` and kept in ``tail_bounds``
+    # bias correction: EWMA of observed / predicted mean latency at the current size,
+    # starting at ``initial_tail`` and kept in ``tail_bounds``
     initial_tail: float = 1.5
+    tail_stat: str = "p90"  # or "mean"
+    surge: float = 1.0  # size for this many times the forecast rate
     tail_alpha: float = 0.3
     tail_bounds: tuple[float, float] = (1.0, 4.0)
 
@@ -81,7 +83,7 @@ class _Forecast:
 
 
 class _Tail:
-    """EWMA of observed p90 / predicted mean, for TTFT and ITL."""
+    """EWMA of observed / predicted mean latency, for TTFT and ITL."""
 
     def __init__(self, cfg: SlaConfig):
         self.cfg = cfg
@@ -92,8 +94,10 @@ class _Tail:
             return
         now = Demand(obs.request_rate, obs.mean_isl, obs.mean_osl, obs.prefix_hit)
         pred = perf.latency(obs.num_up, now, pool)
-        self.ttft = self._blend(self.ttft, obs.ttft_p90_ms, pred.ttft_ms)
-        self.itl = self._blend(self.itl, obs.itl_p90_ms, pred.itl_ms)
+        p90 = self.cfg.tail_stat == "p90"
+        ttft, itl = (obs.ttft_p90_ms, obs.itl_p90_ms) if p90 else (obs.ttft_mean_ms, obs.itl_mean_ms)
+        self.ttft = self._blend(self.ttft, ttft, pred.ttft_ms)
+        self.itl = self._blend(self.itl, itl, pred.itl_ms)
 
     def _blend(self, old: float, observed: float | None, predicted: float) -> float:
         if observed is None or not 0 < predicted < math.inf:
@@ -119,7 +123,7 @@ class SlaPolicy:
         fc.observe(obs)
         tail = self._tails.setdefault(pool, _Tail(cfg))
         tail.update(self.perf, pool, obs)
-        rate = max(fc.rate.predict(1), fc.rate.predict(cfg.lookahead_ticks))
+        rate = cfg.surge * max(fc.rate.predict(1), fc.rate.predict(cfg.lookahead_ticks))
         isl, osl = fc.isl.predict(), fc.osl.predict()
         backlog = obs.waiting_prefill_tokens + obs.router_queue * isl
         demand = Demand(rate, isl, osl, fc.hit.predict(), backlog, cfg.backlog_horizon_s)
