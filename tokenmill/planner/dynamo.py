@@ -155,7 +155,7 @@ class DynamoPolicy:
             return current, "blocked" if obs.num_starting else "no-workers"
         prof, t, ratio = self.perf.profile, self.targets, self.config.scale_down_ratio
         isl = obs.mean_isl or 0.0
-        ttfts = [prof.prefill_time_ms(w.waiting_prefill_tokens + isl) for w in obs.workers]
+        ttfts = [self.perf.prefill_backlog_ms(w.waiting_prefill_tokens + isl) for w in obs.workers]
         itls = [
             prof.itl_ms(w.num_running, w.num_kv_tokens / w.num_running) if w.num_running else 0.0
             for w in obs.workers

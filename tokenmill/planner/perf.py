@@ -123,6 +123,14 @@ class PerfModel:
                 return n
         return max_n
 
+    def prefill_backlog_ms(self, num_tokens: float) -> float:
+        """Time to prefill ``num_tokens`` on one worker: one step up to a chunk, else full
+        chunks (the profile ends at one request's prefill; a backlog is many of them)."""
+        chunk = self.profile.max_num_batched_tokens
+        if num_tokens <= chunk:
+            return self.profile.prefill_time_ms(num_tokens)
+        return num_tokens / chunk * self.profile.prefill_time_ms(chunk)
+
     # ---- Dynamo's interpolators over the same profile (the ``dynamo`` control) -----------
     def prefill_throughput_per_worker(self, isl: float) -> float:
         """Tokens/s of one worker prefilling ``isl``-token prompts one at a time."""
