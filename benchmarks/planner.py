@@ -53,12 +53,18 @@ def workloads(quick: bool) -> dict:
     f = 4 if quick else 1
     return {
         "aibrix_8min_up_and_down": dict(
-            file="8min_up_and_down.jsonl", speed=1.0, copies=20 // f, shift_ms=50.0,
+            file="8min_up_and_down.jsonl",
+            speed=1.0,
+            copies=20 // f,
+            shift_ms=50.0,
             statics=[2, 3, 4] if quick else [4, 6, 8, 10, 12, 14],
         ),
         "azure_conversation": dict(
-            file="AzureLLMInferenceTrace_conv.csv", speed=6.0, copies=max(1, 2 // f),
-            shift_ms=50.0, statics=[2, 3, 4] if quick else [4, 6, 8, 10, 12, 14],
+            file="AzureLLMInferenceTrace_conv.csv",
+            speed=6.0,
+            copies=max(1, 2 // f),
+            shift_ms=50.0,
+            statics=[2, 3, 4] if quick else [4, 6, 8, 10, 12, 14],
         ),
     }
 
@@ -161,7 +167,9 @@ def main() -> int:
         plot = ROOT / "docs" / f"planner_{name}.png"
         plot_replica_timeline([], plot, timelines)
         out_path.write_text(json.dumps(results, indent=1))
-        print(name, {k: v for k, v in results[name].items() if k.startswith(("goal", "tok", "base"))})
+        print(
+            name, {k: v for k, v in results[name].items() if k.startswith(("goal", "tok", "base"))}
+        )
     return 0
 
 

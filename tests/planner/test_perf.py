@@ -10,11 +10,18 @@ def linear_profile() -> TimingProfile:
     """prefill: 10 ms + 0.01 ms/token; decode: 5 ms + 0.01 ms per request in the batch."""
     prefill = [PrefillPoint(n, 0.0, 10.0 + 0.01 * n) for n in (0, 1000, 8192)]
     decode = [
-        DecodePoint(b, c, 5.0 + 0.01 * b, b * c / 1_000_000) for b in (1, 256) for c in (100, 10_000)
+        DecodePoint(b, c, 5.0 + 0.01 * b, b * c / 1_000_000)
+        for b in (1, 256)
+        for c in (100, 10_000)
     ]
     return TimingProfile(
-        engine="test", block_size=64, num_blocks=15_625, max_num_batched_tokens=8192,
-        max_num_seqs=256, prefill=prefill, decode=decode,
+        engine="test",
+        block_size=64,
+        num_blocks=15_625,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        prefill=prefill,
+        decode=decode,
     )
 
 

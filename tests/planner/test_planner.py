@@ -14,8 +14,13 @@ def profile() -> TimingProfile:
         DecodePoint(b, c, 5.0 + 0.01 * b, b * c / 1e6) for b in (1, 256) for c in (100, 10_000)
     ]
     return TimingProfile(
-        engine="test", block_size=64, num_blocks=15_625, max_num_batched_tokens=8192,
-        max_num_seqs=256, prefill=prefill, decode=decode,
+        engine="test",
+        block_size=64,
+        num_blocks=15_625,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        prefill=prefill,
+        decode=decode,
     )
 
 
@@ -29,8 +34,14 @@ class Clock:
 
 def obs(rate, up, starting=0, workers=(), **kw):
     return PoolObservation(
-        window_s=10.0, num_requests=int(rate * 10), mean_isl=1000, mean_osl=100,
-        num_up=up, num_starting=starting, workers=tuple(workers), **kw
+        window_s=10.0,
+        num_requests=int(rate * 10),
+        mean_isl=1000,
+        mean_osl=100,
+        num_up=up,
+        num_starting=starting,
+        workers=tuple(workers),
+        **kw,
     )
 
 
@@ -47,7 +58,8 @@ def run(planner, clock, observations):
 def test_sla_follows_the_load_up_and_then_down():
     clock = Clock()
     cfg = PlannerConfig(
-        mode="sla", limits={"both": PoolLimits(1, 16)},
+        mode="sla",
+        limits={"both": PoolLimits(1, 16)},
         governor=GovernorConfig(down_cooldown_s=0, down_window_s=20),
     )
     p = Planner(cfg, clock, profile())
@@ -88,12 +100,21 @@ def test_total_budget_and_limits():
 def test_dynamo_throughput_formula_and_load_steps():
     clock = Clock()
     cfg = PlannerConfig(
-        mode="dynamo", interval_s=5.0, limits={"both": PoolLimits(1, 32)},
-        targets=Targets(2000.0, 25.0), dynamo=DynamoConfig(adjustment_interval_s=10.0),
+        mode="dynamo",
+        interval_s=5.0,
+        limits={"both": PoolLimits(1, 32)},
+        targets=Targets(2000.0, 25.0),
+        dynamo=DynamoConfig(adjustment_interval_s=10.0),
     )
     p = Planner(cfg, clock, profile())
-    o = PoolObservation(window_s=5.0, num_requests=500, mean_isl=1000, mean_osl=100, num_up=1,
-                        workers=(WorkerObservation(),))
+    o = PoolObservation(
+        window_s=5.0,
+        num_requests=500,
+        mean_isl=1000,
+        mean_osl=100,
+        num_up=1,
+        workers=(WorkerObservation(),),
+    )
     first, second = run(p, clock, [o, o])
     assert first.drain is False
     assert first.inputs["load_signal"] == "down"  # idle engines: all below 0.8 of the target
@@ -106,7 +127,9 @@ def test_dynamo_is_blocked_while_a_worker_starts():
     clock = Clock()
     cfg = PlannerConfig(mode="dynamo", interval_s=5.0, limits={"both": PoolLimits(1, 8)})
     p = Planner(cfg, clock, profile())
-    busy = WorkerObservation(num_running=256, num_kv_tokens=256 * 5000, waiting_prefill_tokens=10**6)
+    busy = WorkerObservation(
+        num_running=256, num_kv_tokens=256 * 5000, waiting_prefill_tokens=10**6
+    )
     (d,) = run(p, clock, [obs(10.0, 2, starting=1, workers=[busy, busy])])
     assert d.target == 3 and d.inputs["load_signal"] == "blocked"
     (d,) = run(p, clock, [obs(10.0, 3, workers=[busy] * 3)])

@@ -23,8 +23,9 @@ class ScriptedPlanner:
     targets: list[int]
     drain: bool = True
     config: PlannerConfig = field(
-        default_factory=lambda: PlannerConfig(mode="load", interval_s=1.0,
-                                              limits={"both": PoolLimits(1, 4)})
+        default_factory=lambda: PlannerConfig(
+            mode="load", interval_s=1.0, limits={"both": PoolLimits(1, 4)}
+        )
     )
     seen: list = field(default_factory=list)
 
@@ -108,13 +109,33 @@ def test_the_real_planner_grows_under_load_and_shrinks_after():
 
 def test_replay_cli_planned_and_static(tmp_path):
     path = tmp_path / "t.jsonl"
-    rows = [{"timestamp": i * 20, "input_length": 300, "output_length": 20, "hash_ids": [i]}
-            for i in range(200)]
+    rows = [
+        {"timestamp": i * 20, "input_length": 300, "output_length": 20, "hash_ids": [i]}
+        for i in range(200)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, log, png = tmp_path / "r.json", tmp_path / "d.jsonl", tmp_path / "t.png"
-    argv = ["replay", "--trace", str(path), "--planner", "load", "--min-workers", "1",
-            "--max-workers", "3", "--worker-startup-s", "1", "--planner-interval-s", "1",
-            "--planner-log", str(log), "--timeline-plot", str(png), "--output", str(out)]
+    argv = [
+        "replay",
+        "--trace",
+        str(path),
+        "--planner",
+        "load",
+        "--min-workers",
+        "1",
+        "--max-workers",
+        "3",
+        "--worker-startup-s",
+        "1",
+        "--planner-interval-s",
+        "1",
+        "--planner-log",
+        str(log),
+        "--timeline-plot",
+        str(png),
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert {"sla_attainment", "worker_seconds", "replica_timeline"} <= set(report)

@@ -104,12 +104,12 @@ class Profiler:
             return len(started) == len(ids)
 
         self._run(all_started)
-        sched = self.core.scheduler
-        usage = sched.kv.num_used_blocks / sched.kv.num_blocks
-        total = 0.0
+        kv = self.core.scheduler.kv
+        total = usage = 0.0
         for _ in range(steps):
             self.core.step()
             total += self._step_ms()
+            usage += kv.num_used_blocks / kv.num_blocks / steps  # as the step was priced
         self.core.abort_requests(ids)
         self._drain()
         return DecodePoint(batch, context, round(total / steps, 4), round(usage, 6))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
@@ -81,12 +82,12 @@ class TimingProfile(msgspec.Struct, frozen=True, kw_only=True):
 
     def prefill_time_ms(self, input_tokens: float, prefix_hit: float = 0.0) -> float:
         """One request's prefill time (ms) alone on a worker."""
-        levels = _curves(((p.prefix_hit, p.input_tokens, p.ms) for p in self.prefill))
+        levels = _curves((p.prefix_hit, p.input_tokens, p.ms) for p in self.prefill)
         return _interp2(levels, prefix_hit, input_tokens)
 
     def itl_ms(self, batch_size: float, context_tokens: float) -> float:
         """Decode step time (ms) with ``batch_size`` requests of ``context_tokens`` each."""
-        curves = _curves(((d.batch_size, d.context_tokens, d.itl_ms) for d in self.decode))
+        curves = _curves((d.batch_size, d.context_tokens, d.itl_ms) for d in self.decode)
         return _interp2(curves, batch_size, context_tokens)
 
     # ---- the mocker's StepTiming ---------------------------------------------------------
@@ -112,7 +113,9 @@ def interp(points: list[tuple[float, float]], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def _curves(rows) -> list[tuple[float, list[tuple[float, float]]]]:
+def _curves(
+    rows: Iterable[tuple[float, float, float]],
+) -> list[tuple[float, list[tuple[float, float]]]]:
     """``(outer, inner, y)`` rows as sorted ``[(outer, [(inner, y), ...]), ...]``."""
     grouped: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for outer, inner, y in rows:
@@ -120,6 +123,8 @@ def _curves(rows) -> list[tuple[float, list[tuple[float, float]]]]:
     return sorted((k, sorted(v)) for k, v in grouped.items())
 
 
-def _interp2(curves: list[tuple[float, list[tuple[float, float]]]], outer: float, x: float) -> float:
+def _interp2(
+    curves: list[tuple[float, list[tuple[float, float]]]], outer: float, x: float
+) -> float:
     """Interpolates along each curve at ``x``, then across curves at ``outer``."""
     return interp([(k, interp(pts, x)) for k, pts in curves], outer)

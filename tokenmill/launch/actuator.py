@@ -141,4 +141,3 @@ class LocalProcessActuator:
             child.proc.kill()
         log.info("planner: %s worker %s", "draining" if drain else "killing", child.instance_id)
         return child.instance_id
-

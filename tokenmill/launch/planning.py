@@ -13,7 +13,7 @@ from tokenmill.launch.specs import PlannerSpec
 
 
 def planner_profile(spec: PlannerSpec, cfg: Any, timing: Any) -> Any:
-    from tokenmill.bench.profile import Profiler, ProfileConfig
+    from tokenmill.bench.profile import ProfileConfig, Profiler
     from tokenmill.core.timing_profile import TimingProfile
     from tokenmill.engine.builder import build_mock_core
     from tokenmill.engine.config import CacheConfig, SchedulerConfig

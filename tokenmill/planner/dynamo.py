@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from tokenmill.planner.observation import PoolObservation
 from tokenmill.planner.perf import PerfModel
@@ -82,7 +83,7 @@ class _PoolState:
         self.window = _Window()
         self.req, self.isl, self.osl = (make_predictor(predictor) for _ in range(3))
         self.floor = 0
-        self.last = {}
+        self.last: dict[str, Any] = {}
 
 
 class DynamoPolicy:
@@ -106,7 +107,9 @@ class DynamoPolicy:
         return Proposal(target, target, inputs, final=True)
 
     # ---- throughput-based ----------------------------------------------------------------
-    def _throughput_target(self, st: _PoolState, pool: str, current: int) -> tuple[int, dict]:
+    def _throughput_target(
+        self, st: _PoolState, pool: str, current: int
+    ) -> tuple[int, dict[str, Any]]:
         w, interval = st.window, st.window.s
         if w.num_req == 0:
             return st.floor, st.last

@@ -95,7 +95,9 @@ class _Tail:
         now = Demand(obs.request_rate, obs.mean_isl, obs.mean_osl, obs.prefix_hit)
         pred = perf.latency(obs.num_up, now, pool)
         p90 = self.cfg.tail_stat == "p90"
-        ttft, itl = (obs.ttft_p90_ms, obs.itl_p90_ms) if p90 else (obs.ttft_mean_ms, obs.itl_mean_ms)
+        ttft, itl = (
+            (obs.ttft_p90_ms, obs.itl_p90_ms) if p90 else (obs.ttft_mean_ms, obs.itl_mean_ms)
+        )
         self.ttft = self._blend(self.ttft, ttft, pred.ttft_ms)
         self.itl = self._blend(self.itl, itl, pred.itl_ms)
 

@@ -91,9 +91,11 @@ class KalmanPredictor:
 
 
 class ArimaPredictor:
-    def __init__(self, window: int = 60, min_points: int = 8, order=(1, 1, 1)) -> None:
+    def __init__(
+        self, window: int = 60, min_points: int = 8, order: tuple[int, int, int] = (1, 1, 1)
+    ) -> None:
         try:
-            from statsmodels.tsa.arima.model import ARIMA
+            from statsmodels.tsa.arima.model import ARIMA  # type: ignore[import-untyped]
         except ImportError as exc:  # the optional extra is not installed
             raise PredictorUnavailable(
                 "the arima predictor needs statsmodels (pip install 'tokenmill[planner]')"
