@@ -101,12 +101,40 @@ def _interp(points: list[tuple[float, float]], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def step_ms(timing: StepTiming, out: SchedulerOutput) -> float:
-    """Simulated duration of one scheduled step (0 for an empty step)."""
-    ms = timing.prefill_ms(out.num_prefill_tokens) if out.num_prefill_tokens else 0.0
-    if out.num_decode_tokens:
+def step_ms(
+    timing: StepTiming, out: SchedulerOutput, remote_tokens: dict[str, int] | None = None
+) -> float:
+    """Simulated duration of one scheduled step (0 for an empty step).
+
+    ``remote_tokens``: request id -> how many leading prompt tokens of that request were
+    loaded from elsewhere (a disaggregated decode leg): they are not computed, and the one
+    token computed right after them (the recomputed tail whose logits give the next token)
+    is priced as a decode token, as an engine batches it with the decodes."""
+    num_prefill, num_decode = out.num_prefill_tokens, out.num_decode_tokens
+    if remote_tokens and num_prefill:
+        free, tails = remote_token_counts(out, remote_tokens)
+        num_prefill -= free + tails
+        num_decode += tails
+    ms = timing.prefill_ms(num_prefill) if num_prefill else 0.0
+    if num_decode:
         ms += timing.decode_ms(out.num_active_blocks / out.num_total_blocks)
     return ms
+
+
+def remote_token_counts(out: SchedulerOutput, remote_tokens: dict[str, int]) -> tuple[int, int]:
+    """``(tokens loaded remotely, 1-token tails after them)`` among the step's scheduled
+    chunks (see ``step_ms``)."""
+    free = tails = 0
+    for s in out.scheduled:
+        loaded = remote_tokens.get(s.request.request_id)
+        if loaded is None:
+            continue
+        start, end = s.position, s.position + s.num_tokens
+        if start < loaded:
+            free += min(end, loaded) - start
+        if end - max(start, loaded) == 1 and s.samples and end == loaded + 1:
+            tails += 1
+    return free, tails
 
 
 class TokenSource:
@@ -217,6 +245,8 @@ class MockExecutor(Executor):
         self.tokens = tokens or TokenSource()
         self.pacer = pacer
         self.last_step_ms = 0.0
+        # request id -> leading prompt tokens loaded from elsewhere (see ``step_ms``)
+        self.remote_tokens: dict[str, int] = {}
 
     def sample(self, out: SchedulerOutput) -> dict[str, list[int]]:
         token = self.tokens.token
@@ -228,7 +258,7 @@ class MockExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ExecutorOutput:
         self.release(scheduler_output.finished_request_ids)
-        self.last_step_ms = step_ms(self.timing, scheduler_output)
+        self.last_step_ms = step_ms(self.timing, scheduler_output, self.remote_tokens)
         if self.pacer is not None:
             self.pacer.pace(self.last_step_ms)
         return ExecutorOutput(sampled=self.sample(scheduler_output))
@@ -238,7 +268,11 @@ class MockExecutor(Executor):
             self.pacer.on_wake()
 
     def release(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
         self.tokens.release(request_ids)
+        if self.remote_tokens:
+            for rid in request_ids:
+                self.remote_tokens.pop(rid, None)
 
 
 # ---- fast-forward over pure-decode steps (offline replay) --------------------------------
