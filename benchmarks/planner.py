@@ -86,7 +86,9 @@ def summary(policy: str, report: dict, wall_s: float) -> dict:
         "ttft_p90_ms": report["ttft"]["p90"],
         "itl_mean_ms": report["itl"]["mean"],
         "itl_p90_ms": report["itl"]["p90"],
-        "max_workers_up": max((s["up"] for s in report.get("replica_timeline", [])), default=None),
+        "max_workers_up": max(
+            (s["up"] for s in report.get("replica_timeline", {}).get("both", [])), default=None
+        ),
         "wall_s": round(wall_s, 1),
     }
 
@@ -94,7 +96,7 @@ def summary(policy: str, report: dict, wall_s: float) -> dict:
 def run_static(reqs: list, n: int) -> dict:
     cfg = ReplayConfig(num_workers=n, sla_ttft_ms=SLO_TTFT_MS, sla_itl_ms=SLO_ITL_MS)
     report = Replay(cfg, reqs).run()
-    report.update(static_cost_metrics(report, n))
+    report.update(static_cost_metrics(report, {"both": n}))
     return report
 
 
@@ -129,14 +131,60 @@ def verdict(runs: list[dict]) -> dict:
     }
 
 
+def live_timeline(log: Path) -> list[dict]:
+    """A ``serve --planner-log`` as timeline samples (seconds from its first decision)."""
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    t0 = lines[0]["time_s"] if lines else 0.0
+    return [
+        {
+            "time_s": round(d["time_s"] - t0, 3),
+            "up": d["observation"]["num_up"],
+            "starting": d["observation"]["num_starting"],
+            "draining": d["observation"]["num_draining"],
+            "target": d["target"],
+        }
+        for d in lines
+    ]
+
+
+def record_live(log: Path, bench: Path, out_path: Path) -> None:
+    """Adds the live run (``serve --planner load`` under ``bench serve``) to the results and
+    plots its replica timeline (docs/planner_live.png)."""
+    timeline = live_timeline(log)
+    r = json.loads(bench.read_text())["summary"]
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results["live"] = {
+        "command": "serve --engine mocker --planner load --min-workers 1 --max-workers 3 "
+        "--max-num-seqs 4 --planner-interval-s 5; bench serve --trace 8min_up_and_down.jsonl "
+        "--format aibrix --speed 2",
+        "num_requests": r["num_requests"],
+        "completed": r["completed"],
+        "failed": r["failed"],
+        "errors": r["errors"],
+        "duration_s": round(r["duration_s"], 1),
+        "ttft_p90_ms": r["ttft"]["p90"],
+        "max_workers_up": max(s["up"] for s in timeline),
+        "scale_ups": sum(1 for a, b in zip(timeline, timeline[1:]) if b["target"] > a["target"]),
+        "scale_downs": sum(1 for a, b in zip(timeline, timeline[1:]) if b["target"] < a["target"]),
+        "timeline": timeline,
+    }
+    out_path.write_text(json.dumps(results, indent=1))
+    plot_replica_timeline(timeline, ROOT / "docs" / "planner_live.png")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--live-log", default=None, help="record a live run: its --planner-log")
+    ap.add_argument("--live-bench", default=None, help="... and its bench serve results.json")
     ap.add_argument("--only", default=None, help="one trace name")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "planner.json"))
     args = ap.parse_args()
-    profile = TimingProfile.load(PROFILE)
     out_path = Path(args.out)
+    if args.live_log:
+        record_live(Path(args.live_log), Path(args.live_bench), out_path)
+        return 0
+    profile = TimingProfile.load(PROFILE)
     results = json.loads(out_path.read_text()) if out_path.exists() and args.only else {}
     results["config"] = {
         "slo_ttft_ms": SLO_TTFT_MS,
@@ -156,7 +204,7 @@ def main() -> int:
             t0 = time.perf_counter()
             report = run_planned(reqs, mode, profile, max_n)
             runs.append(summary(label, report, time.perf_counter() - t0))
-            timelines[label] = report["replica_timeline"]
+            timelines[label] = report["replica_timeline"]["both"]
             print(name, runs[-1], flush=True)
         for n in w["statics"]:
             t0 = time.perf_counter()

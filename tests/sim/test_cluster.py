@@ -28,6 +28,7 @@ class ScriptedPlanner:
         )
     )
     seen: list = field(default_factory=list)
+    pools: tuple = ("both",)
 
     def plan(self, observations):
         obs = observations["both"]
@@ -49,11 +50,11 @@ def test_a_new_worker_serves_only_after_its_startup():
     report = replay.run()
     assert report["completed"] == 60 and report["sla_attainment"] is not None
     # asked for at the first tick (1 s), up at 2.5 s
-    samples = [(s["time_s"], s["up"], s["starting"]) for s in report["replica_timeline"]]
+    samples = [(s["time_s"], s["up"], s["starting"]) for s in report["replica_timeline"]["both"]]
     assert samples[:4] == [(0.0, 1, 0), (1.0, 1, 1), (2.0, 1, 1), (2.5, 2, 0)]
     first_on_new = min(r.arrival_ms for r in replay.records.values() if r.worker == 1)
     assert first_on_new >= 2500.0
-    assert replay.life[1].up_ms == 2500.0
+    assert replay.workers[1].routable
     # worker 0 the whole run, worker 1 from 1 s (asked for) to the end
     start, end = 0.0, max(r.finish_ms for r in replay.records.values())
     assert report["worker_seconds"] == pytest.approx((end - start) / 1e3 * 2 - 1.0, abs=1e-3)
@@ -66,12 +67,11 @@ def test_drain_finishes_in_flight_requests_and_nothing_fails():
     report = replay.run()
     assert report["completed"] == report["num_requests"] == 120
     assert report["killed_requests"] == 0 and report["planner"]["migrated_requests"] == 0
-    gone = [life for life in replay.life if life.gone_ms >= 0]
-    assert len(gone) == 1 and gone[0].gone_ms > gone[0].drain_ms >= 4000.0  # drained, then left
-    drained = replay.life.index(gone[0])
-    late = [r for r in replay.records.values() if r.arrival_ms > gone[0].drain_ms]
-    assert late and all(r.worker != drained for r in late)
-    for w in replay.workers:
+    gone = [w for w in replay.workers.values() if w.left_ms is not None]
+    assert len(gone) == 1 and gone[0].left_ms > 4000.0  # drained after the 4 s tick, then left
+    late = [r for r in replay.records.values() if r.arrival_ms > 4000.0]
+    assert late and all(r.worker != gone[0].worker_id for r in late)
+    for w in replay.workers.values():
         w.core.check_integrity()
 
 
@@ -102,7 +102,7 @@ def test_the_real_planner_grows_under_load_and_shrinks_after():
     ]
     replay = holder["r"] = ClusterReplay(CFG, reqs, planner, ClusterConfig(startup_s=2.0))
     report = replay.run()
-    ups = [s["up"] for s in report["replica_timeline"]]
+    ups = [s["up"] for s in report["replica_timeline"]["both"]]
     assert max(ups) > 1 and ups[-1] < max(ups)
     assert report["completed"] == 440
 

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if planner.mode is None:
         replay = Replay(cfg, requests, timing)
         report = replay.run()
-        report.update(static_cost_metrics(report, args.workers))
+        report.update(static_cost_metrics(report, {"both": args.workers}))
     else:
         report, replay = run_planned_replay(planner, cfg, requests, timing)
         if args.timeline_plot:

@@ -63,4 +63,7 @@ def plot_timeline(report: dict, path: str) -> Any:
 
     from tokenmill.bench.plots import plot_replica_timeline
 
-    return plot_replica_timeline(report.get("replica_timeline", []), Path(path))
+    timelines = report.get("replica_timeline", {})
+    if len(timelines) == 1:
+        return plot_replica_timeline(next(iter(timelines.values())), Path(path))
+    return plot_replica_timeline([], Path(path), {p: t for p, t in timelines.items()})

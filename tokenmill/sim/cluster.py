@@ -1,62 +1,57 @@
-"""Replay with a changing cluster: the planner (``tokenmill.planner``) resizes the pool of
-mocker workers during the run, on the replay's virtual clock.
+"""Replay with a changing cluster: the planner (``tokenmill.planner``) resizes the replay's
+pools of mocker workers (``both``, or ``prefill`` and ``decode`` in a P/D split) during the
+run, on the replay's virtual clock, through ``Replay``'s planner seams (``add_worker(role,
+delay_ms)``, ``remove_worker``, ``call_at``, ``on_worker_left``).
 
-``ClusterReplay`` is a ``Replay`` whose workers have a life cycle::
+A worker's life::
 
     starting --(startup_s)--> up --(scale-down)--> draining --(idle)--> gone
-        \\__________________________(cancelled)__________________________/
-                                       up --(kill: drain=False)--> gone
+        \\______________________(removed while starting)____________/
+                                  up --(kill: drain=False)--> gone
 
-- a new worker costs from the moment it is asked for; it joins the router ``startup_s``
-  later (a control event), as a live worker registers once its engine is built;
-- a draining worker leaves the router at once (no new requests, as a live worker
-  deregisters), finishes its in-flight requests and is gone when idle; requests still on it
-  ``drain_deadline_s`` after the drain began are migrated: aborted there and re-sent to a
-  live worker with the rest of their output (the frontend's migration), so none fails;
-- a killed worker (the ``dynamo`` control: Dynamo removes workers without draining) leaves
-  at once and its in-flight requests fail (``killed_requests`` in the report);
-- workers picked to leave: starting ones first (newest first), then the up ones with the
-  fewest unfinished requests.
+- a new worker costs from the moment it is asked for and joins its pool's router
+  ``startup_s`` later, as a live worker registers once its engine is built;
+- a draining worker leaves its router at once (no new requests, as a live worker
+  deregisters), finishes its in-flight requests and is gone when idle. In the aggregated
+  pool, requests still on it ``drain_deadline_s`` after the drain began migrate: aborted
+  there and re-sent to a live worker with the rest of their output (the frontend's
+  migration), so none fails. (In a split the deadline is not enforced: a drain waits.)
+- a killed worker (the ``dynamo`` control: Dynamo removes workers without draining) has its
+  requests aborted and leaves; they fail (``killed_requests`` in the report);
+- the worker that leaves: a starting one first (newest first), then the up one with the
+  fewest unfinished requests; never the last up worker of a pool.
 
-Every ``PlannerConfig.interval_s`` a control event builds the pool's ``PoolObservation``
-over the window since the last tick (arrivals, TTFT of first tokens, ITL and prefix hits of
-finishes, scheduler snapshots of the up workers, the router queue), asks the planner, and
-applies its ``PoolDecision``. KV events of workers not in the router are dropped (a live
-router forgets a deregistered worker and ignores its events).
+Every ``PlannerConfig.interval_s`` a timer builds each pool's ``PoolObservation`` over the
+window since the last tick (arrivals with their lengths, TTFT of first tokens, ITL and prefix
+hits of finished requests, scheduler snapshots of the pool's up workers, its router queue),
+asks the planner and applies the ``PoolDecision``s.
 
-Observation caveat: a fast-forwarded decode run (``Replay`` docstring) is applied at its
-start, so a tick inside one sees its requests' token counts at the run's end; timing and
-the requests' records are exact.
-
-Reports (``cost_metrics``, for planned and static runs alike): ``sla_attainment`` (share of
-requests meeting both targets: the goodput fraction), ``worker_seconds`` (sum over workers
-of the time from being asked for to gone, within the run: first arrival to last finish),
-``worker_seconds_per_pool``; planned runs add ``replica_timeline`` (one sample per tick and
-per change: time, up, starting, draining, target), ``planner`` (mode, decisions count,
-migrations, kills) and, with ``decision_log``, one JSON line per decision.
+Reports (``cost_metrics``, planned and static runs alike): ``sla_attainment`` (the share of
+requests meeting both targets: the goodput fraction), ``worker_seconds`` (the sum over
+workers of the time from being asked for to gone, within the run: first arrival to last
+finish) and ``worker_seconds_per_pool``; planned runs add ``replica_timeline`` (per pool,
+one sample per tick and per change: time, up, starting, draining, target),
+``killed_requests`` and ``planner`` (mode, decisions, workers started, migrations), and with
+``decision_log`` one JSON line per decision (the observation and the decision's inputs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from tokenmill.bench.metrics import percentile
-from tokenmill.core.events import KvEvent
-from tokenmill.core.request import EngineRequest, RequestOutput
+from tokenmill.core.request import RequestOutput
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.mocker import StepTiming
 from tokenmill.planner.observation import PoolDecision, PoolObservation, WorkerObservation
 from tokenmill.planner.planner import Planner
 from tokenmill.router.router import Queued, Routed
-from tokenmill.sim.replay import _CONTROL, _START, Replay, ReplayConfig, _Worker
+from tokenmill.sim.replay import Replay, ReplayConfig, Role, SimWorker
 from tokenmill.sim.report import RequestRecord
 from tokenmill.sim.trace import TraceRequest
 
-POOL = "both"  # the aggregated pool (the only one until the replay has pools)
 STARTING, UP, DRAINING, GONE = "starting", "up", "draining", "gone"
 
 
@@ -64,20 +59,10 @@ STARTING, UP, DRAINING, GONE = "starting", "up", "draining", "gone"
 class ClusterConfig:
     startup_s: float = 30.0
     drain_deadline_s: float = 60.0
-    initial_workers: int | None = None  # None: the pool's minimum
-
-
-@dataclass
-class _Life:
-    state: str
-    asked_ms: float
-    up_ms: float = -1.0
-    gone_ms: float = -1.0
-    drain_ms: float = -1.0
 
 
 class _Window:
-    """What happened since the last tick."""
+    """What happened since the last tick (shared by every pool: the frontend's traffic)."""
 
     def __init__(self) -> None:
         self.isl: list[int] = []
@@ -86,6 +71,23 @@ class _Window:
         self.itl: list[float] = []
         self.dur: list[float] = []
         self.prompt = self.cached = 0
+
+
+def initial_config(cfg: ReplayConfig, planner: Planner) -> ReplayConfig:
+    """``cfg`` with each planned pool at its minimum size."""
+    limits = planner.config.limits
+    for pool, lim in limits.items():
+        if lim.min_replicas < 1:
+            raise ValueError(f"pool {pool}: a replayed pool needs min_replicas >= 1")
+    if "both" in limits:
+        return replace(cfg, num_workers=limits["both"].min_replicas)
+    if set(limits) != {"prefill", "decode"}:
+        raise ValueError(f"planned pools must be 'both' or 'prefill'+'decode', got {set(limits)}")
+    return replace(
+        cfg,
+        num_prefill_workers=limits["prefill"].min_replicas,
+        num_decode_workers=limits["decode"].min_replicas,
+    )
 
 
 class ClusterReplay(Replay):
@@ -98,40 +100,39 @@ class ClusterReplay(Replay):
         timing: StepTiming | None = None,
         decision_log: IO[str] | None = None,
     ):
-        limits = planner.config.limits[POOL]
-        if limits.min_replicas < 1:
-            raise ValueError("a replayed pool needs at least one worker (min_replicas >= 1)")
-        n0 = limits.clamp(cluster.initial_workers or limits.min_replicas)
-        super().__init__(dataclasses.replace(cfg, num_workers=n0), requests, timing)
+        super().__init__(initial_config(cfg, planner), requests, timing)
         self.planner, self.cluster, self._log = planner, cluster, decision_log
-        self.life = [_Life(UP, 0.0, 0.0) for _ in range(n0)]
+        self.asked_ms = dict.fromkeys(self.workers, 0.0)
+        self.num_initial = len(self.workers)
         self.by_id = {r.request_id: r for r in self.requests}
-        self.timeline: list[dict[str, Any]] = []
+        self.timeline: dict[str, list[dict[str, Any]]] = {p: [] for p in planner.pools}
         self.decisions: list[PoolDecision] = []
         self.window = _Window()
         self.num_migrated = self.num_killed = 0
-        self.num_initial = n0
         self._migrations: dict[str, tuple[int, int]] = {}  # id -> (tokens done, tokens left)
-        self._tick_at(planner.config.interval_s * 1000.0)
-        self._sample(n0)
+        self.on_worker_left = lambda worker: self._sample(worker.role.value)
+        self.call_at(planner.config.interval_s * 1000.0, ClusterReplay._tick)
+        for pool in planner.pools:
+            self._sample(pool)
 
-    # ---- clock and plumbing --------------------------------------------------------------
-    def _control_at(self, t_ms: float, action: Callable[[], None]) -> None:
-        self._push(t_ms, _CONTROL, -1, action)
+    # ---- worker states -------------------------------------------------------------------
+    def state(self, worker: SimWorker) -> str:
+        if worker.left_ms is not None:
+            return GONE
+        if worker.routable:
+            return UP
+        return DRAINING if worker.draining else STARTING
 
-    def _tick_at(self, t_ms: float) -> None:
-        self._control_at(t_ms, self._tick)
-
-    def _publish(self, event: KvEvent) -> None:
-        if self.life[event.worker_id].state == UP:
-            super()._publish(event)
-
-    def _count(self, *states: str) -> int:
-        return sum(1 for life in self.life if life.state in states)
+    def _members(self, pool: str, *states: str) -> list[SimWorker]:
+        role = Role(pool)
+        return [
+            w for _, w in sorted(self.workers.items()) if w.role is role and self.state(w) in states
+        ]
 
     def _work_left(self) -> bool:
-        busy = any(w.core.has_unfinished_requests() for w in self.workers)
-        return self._next < len(self.requests) or busy or len(self.router.queue) > 0
+        busy = any(not w.idle or w.busy for w in self.workers.values())
+        queued = any(len(p.router.queue) for p in self.pools.values())
+        return self._next < len(self.requests) or busy or queued
 
     # ---- recording -----------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
@@ -139,17 +140,17 @@ class ClusterReplay(Replay):
         self.window.osl.append(req.output_length)
         super()._arrive(req)
 
-    def _on_output(self, out: RequestOutput) -> None:
+    def _on_output(self, worker: SimWorker, out: RequestOutput) -> None:
         rec = self.records[out.request_id]
         first = rec.first_token_ms < 0
-        super()._on_output(out)
+        super()._on_output(worker, out)
         moved = self._migrations.get(out.request_id)
         if moved is not None and out.finish_reason is not None:
             rec.num_output_tokens += moved[0]  # the tokens made before the migration
         w = self.window
-        if first:
+        if first and rec.first_token_ms >= 0:
             w.ttft.append(rec.first_token_ms - rec.arrival_ms)
-        if out.finish_reason is not None:
+        if out.finish_reason is not None and rec.finish_ms >= 0:
             w.dur.append((rec.finish_ms - rec.arrival_ms) / 1000.0)
             w.prompt += rec.input_length
             w.cached += rec.num_cached_tokens
@@ -159,20 +160,20 @@ class ClusterReplay(Replay):
 
     # ---- the planner's tick --------------------------------------------------------------
     def _tick(self) -> None:
-        obs = self.observe()
-        decisions = self.planner.plan({POOL: obs})
-        for d in decisions:
+        window, self.window = self.window, _Window()
+        obs = {pool: self.observe(pool, window) for pool in self.planner.pools}
+        for d in self.planner.plan(obs):
             self.decisions.append(d)
             if self._log is not None:
-                self._log.write(json.dumps({"observation": obs.to_dict(), **d.to_dict()}) + "\n")
+                line = {"observation": obs[d.pool].to_dict(), **d.to_dict()}
+                self._log.write(json.dumps(line) + "\n")
             self._apply(d)
-        self._sample(decisions[0].target)
+            self._sample(d.pool, d.target)
         if self._work_left():
-            self._tick_at(self.now + self.planner.config.interval_s * 1000.0)
+            self.call_at(self.now + self.planner.config.interval_s * 1000.0, ClusterReplay._tick)
 
-    def observe(self) -> PoolObservation:
-        w, self.window = self.window, _Window()
-        up = [i for i, life in enumerate(self.life) if life.state == UP]
+    def observe(self, pool: str, w: _Window) -> PoolObservation:
+        up = self._members(pool, UP)
         return PoolObservation(
             window_s=self.planner.config.interval_s,
             num_requests=len(w.isl),
@@ -184,159 +185,115 @@ class ClusterReplay(Replay):
             itl_mean_ms=_mean(w.itl) if w.itl else None,
             itl_p90_ms=percentile(sorted(w.itl), 90) if w.itl else None,
             mean_request_s=_mean(w.dur) if w.dur else None,
-            router_queue=len(self.router.queue),
+            router_queue=len(self.pools[Role(pool)].router.queue),
             num_up=len(up),
-            num_starting=self._count(STARTING),
-            num_draining=self._count(DRAINING),
-            workers=tuple(_worker_obs(self.workers[i]) for i in up),
+            num_starting=len(self._members(pool, STARTING)),
+            num_draining=len(self._members(pool, DRAINING)),
+            workers=tuple(_worker_obs(worker) for worker in up),
         )
 
     def _apply(self, d: PoolDecision) -> None:
-        current = self._count(UP, STARTING)
+        current = len(self._members(d.pool, UP, STARTING))
         for _ in range(d.target - current):
-            self._add_worker()
+            delay = self.cluster.startup_s * 1000.0
+            wid = self.add_worker(d.pool, delay)
+            self.asked_ms[wid] = self.now
+            # after the replay's own join timer (same time, pushed later): sample the join
+            self.call_at(self.now + delay, lambda replay, pool=d.pool: replay._sample(pool))
         for _ in range(current - d.target):
-            self._remove_worker(d.drain)
+            self._remove_one(d.pool, d.drain)
 
-    # ---- membership ----------------------------------------------------------------------
-    def _add_worker(self) -> None:
-        w = len(self.workers)
-        self.workers.append(_Worker(w, self.cfg, self._publish, self.timing, self._clock_s))
-        self.life.append(_Life(STARTING, self.now))
-        self._control_at(self.now + self.cluster.startup_s * 1000.0, lambda: self._up(w))
-
-    def _up(self, w: int) -> None:
-        life = self.life[w]
-        if life.state != STARTING:
-            return  # cancelled while starting
-        life.state, life.up_ms = UP, self.now
-        self.router.add_worker(w)
-        self._dispatch_queued()
-        self._sample()
-
-    def _remove_worker(self, drain: bool) -> None:
-        starting = [i for i, life in enumerate(self.life) if life.state == STARTING]
+    def _remove_one(self, pool: str, drain: bool) -> None:
+        starting = self._members(pool, STARTING)
         if starting:
-            self._gone(starting[-1])
+            self.remove_worker(starting[-1].worker_id)
             return
-        up = [i for i, life in enumerate(self.life) if life.state == UP]
+        up = self._members(pool, UP)
         if len(up) <= 1:
             return  # never below one serving worker
-        w = min(up, key=lambda i: (len(self.workers[i].core.scheduler.requests), -i))
-        self.router.remove_worker(w)
+        worker = min(up, key=lambda w: (len(w.core.scheduler.requests), -w.worker_id))
         if not drain:
-            self._kill(w)
-            return
-        self.life[w].state, self.life[w].drain_ms = DRAINING, self.now
-        deadline = self.now + self.cluster.drain_deadline_s * 1000.0
-        self._control_at(deadline, lambda: self._drain_deadline(w))
-        self._check_drained(w)
+            self._kill(worker)
+        self.remove_worker(worker.worker_id)
+        if drain and worker.role is Role.BOTH and self.state(worker) == DRAINING:
+            deadline = self.now + self.cluster.drain_deadline_s * 1000.0
+            self.call_at(deadline, lambda replay: replay._drain_deadline(worker))
 
-    def _check_drained(self, w: int) -> None:
-        if self.life[w].state == DRAINING and not self.workers[w].core.has_unfinished_requests():
-            self._gone(w)
-
-    def _gone(self, w: int) -> None:
-        self.life[w].state, self.life[w].gone_ms = GONE, self.now
-        self._sample()
-
-    def _kill(self, w: int) -> None:
-        core = self.workers[w].core
-        ids = list(core.scheduler.requests)
-        core.abort_requests(ids)
+    def _kill(self, worker: SimWorker) -> None:
+        ids = list(worker.core.scheduler.requests)
+        worker.core.abort_requests(ids)
+        self.num_killed += len(ids)
         for rid in ids:
             self.records[rid].worker = -1
-            self.router.mark_finished(rid)
-        self.num_killed += len(ids)
-        self._gone(w)
 
-    def _drain_deadline(self, w: int) -> None:
-        if self.life[w].state != DRAINING:
+    def _drain_deadline(self, worker: SimWorker) -> None:
+        if self.state(worker) != DRAINING:
             return
-        core = self.workers[w].core
-        for rid in list(core.scheduler.requests):
-            req = core.scheduler.requests[rid]
-            done = len(req.output_token_ids)
-            core.abort_requests([rid])
-            self._migrate(rid, done)
-        self._gone(w)
+        sched = worker.core.scheduler
+        moving = [(rid, len(r.output_token_ids)) for rid, r in sched.requests.items()]
+        worker.core.abort_requests([rid for rid, _ in moving])
+        for rid, num_done in moving:
+            self._migrate(rid, num_done)
+        if not worker.busy:
+            self._retire_if_idle(worker)
 
     def _migrate(self, rid: str, num_done: int) -> None:
-        """Re-sends a request (prompt + what it generated so far) to a live worker, with the
-        rest of its output to produce; its record keeps its first token time."""
+        """Re-sends a request (prompt + what it generated so far) to a live worker of the
+        aggregated pool with the rest of its output; its record keeps its first token."""
         rec = self.records[rid]
         self.num_migrated += 1
-        self.router.mark_finished(rid)
-        tokens, hashes, local = self.tokens.prompt_blocks(self.by_id[rid])
-        rest = max(1, rec.output_length - num_done)
-        self._migrations[rid] = (num_done, rest)
-        decision = self.router.route(rid, hashes, len(tokens))
+        router = self.pools[Role.BOTH].router
+        router.mark_finished(rid)
+        prompt = self.tokens.prompt_blocks(self.by_id[rid])
+        done_before = self._migrations.get(rid, (0, 0))[0]
+        rest = max(1, rec.output_length - done_before - num_done)
+        self._migrations[rid] = (done_before + num_done, rest)
+        decision = router.route(rid, prompt[1], len(prompt[0]))
         if isinstance(decision, Routed):
-            self._send(decision.worker_id, rid, tokens, (hashes, local), rest)
+            self._dispatch(decision.worker_id, prompt, rec)
         elif isinstance(decision, Queued):  # waits in the router queue like any request
-            rec.pending_prompt = (tokens, hashes, local)
+            rec.pending_prompt = prompt
         else:
             rec.shed = True
 
-    def _send(self, w: int, rid: str, tokens, hashes, max_tokens: int) -> None:
-        rec = self.records[rid]
-        rec.worker = w
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        request = EngineRequest(
-            request_id=rid, prompt_token_ids=tokens, params=params, arrival_time=self.now / 1e3
-        )
-        worker = self.workers[w]
-        worker.core.add_request(request, hashes)
-        if not worker.busy:
-            worker.busy = True
-            self._push(self.now, _START, w)
-
-    # ---- hooks into Replay ---------------------------------------------------------------
-    def _dispatch(self, decision, prompt, rec: RequestRecord) -> None:
+    def _dispatch(self, worker_id: int, prompt: tuple, rec: RequestRecord) -> None:
         moved = self._migrations.get(rec.request_id)
         if moved is None:
-            super()._dispatch(decision, prompt, rec)
+            super()._dispatch(worker_id, prompt, rec)
             return
         tokens, hashes, local = prompt
-        self._send(decision.worker_id, rec.request_id, tokens, (hashes, local), moved[1])
-
-    def _complete(self, w: int, step) -> None:
-        super()._complete(w, step)
-        if self.life[w].state == DRAINING:
-            self._check_drained(w)
-
-    def _dispatch_queued(self) -> None:
-        for decision in self.router.drain():
-            rec = self.records[decision.request_id]
-            rec.queued_ms = decision.queued_s * 1000.0
-            prompt, rec.pending_prompt = rec.pending_prompt, None
-            self._dispatch(decision, prompt, rec)
+        rec.worker = worker_id
+        params = SamplingParams(max_tokens=moved[1], ignore_eos=True)
+        self._add(worker_id, rec.request_id, tokens, params, (hashes, local))
 
     # ---- report --------------------------------------------------------------------------
-    def _sample(self, target: int | None = None) -> None:
-        self.timeline.append(
+    def _sample(self, pool: str, target: int | None = None) -> None:
+        if pool not in self.timeline:
+            return
+        n = {s: len(self._members(pool, s)) for s in (UP, STARTING, DRAINING)}
+        self.timeline[pool].append(
             {
                 "time_s": round(self.now / 1000.0, 3),
-                "up": self._count(UP),
-                "starting": self._count(STARTING),
-                "draining": self._count(DRAINING),
-                "target": self._count(UP, STARTING) if target is None else target,
+                **n,
+                "target": n[UP] + n[STARTING] if target is None else target,
             }
         )
 
     def report(self) -> dict:
-        self.cfg = dataclasses.replace(self.cfg, num_workers=len(self.workers))
         report = super().report()
         start, end = _span_ms(self.records.values())
-        seconds = sum(_alive_s(life, start, end) for life in self.life)
-        report.update(cost_metrics(report, seconds))
+        per_pool: dict[str, float] = {}
+        for wid, worker in self.workers.items():
+            alive = _alive_s(self.asked_ms.get(wid, 0.0), worker.left_ms, start, end)
+            per_pool[worker.role.value] = per_pool.get(worker.role.value, 0.0) + alive
+        report.update(cost_metrics(report, per_pool))
         report["replica_timeline"] = self.timeline
         report["killed_requests"] = self.num_killed
         report["planner"] = {
             "mode": self.planner.config.mode,
             "interval_s": self.planner.config.interval_s,
             "num_decisions": len(self.decisions),
-            "num_workers_started": len(self.life) - self.num_initial,
+            "num_workers_started": len(self.workers) - self.num_initial,
             "migrated_requests": self.num_migrated,
             "killed_requests": self.num_killed,
             "startup_s": self.cluster.startup_s,
@@ -344,21 +301,22 @@ class ClusterReplay(Replay):
         return report
 
 
-def cost_metrics(report: dict, worker_seconds: float) -> dict[str, Any]:
+def cost_metrics(report: dict, per_pool_seconds: dict[str, float]) -> dict[str, Any]:
     """The report keys every replay carries (see the module docstring)."""
-    ws = round(worker_seconds, 3)
     return {
         "sla_attainment": report["goodput"]["fraction"],
-        "worker_seconds": ws,
-        "worker_seconds_per_pool": {POOL: ws},
+        "worker_seconds": round(sum(per_pool_seconds.values()), 3),
+        "worker_seconds_per_pool": {p: round(s, 3) for p, s in per_pool_seconds.items()},
     }
 
 
-def static_cost_metrics(report: dict, num_workers: int) -> dict[str, Any]:
-    return cost_metrics(report, num_workers * (report["sim_duration_s"] or 0.0))
+def static_cost_metrics(report: dict, workers_per_pool: dict[str, int]) -> dict[str, Any]:
+    """``cost_metrics`` of fixed pools (``{"both": 8}``, ``{"prefill": 2, "decode": 6}``)."""
+    duration = report["sim_duration_s"] or 0.0
+    return cost_metrics(report, {p: n * duration for p, n in workers_per_pool.items()})
 
 
-def _worker_obs(worker: _Worker) -> WorkerObservation:
+def _worker_obs(worker: SimWorker) -> WorkerObservation:
     sched = worker.core.scheduler
     waiting_tokens = kv_tokens = 0
     for r in sched.requests.values():
@@ -386,6 +344,6 @@ def _span_ms(records) -> tuple[float, float]:
     return start, end
 
 
-def _alive_s(life: _Life, start: float, end: float) -> float:
-    stop = end if life.gone_ms < 0 else min(life.gone_ms, end)
-    return max(0.0, stop - max(life.asked_ms, start)) / 1000.0
+def _alive_s(asked_ms: float, left_ms: float | None, start: float, end: float) -> float:
+    stop = end if left_ms is None else min(left_ms, end)
+    return max(0.0, stop - max(asked_ms, start)) / 1000.0
