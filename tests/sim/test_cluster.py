@@ -145,3 +145,20 @@ def test_replay_cli_planned_and_static(tmp_path):
     assert main(["replay", "--trace", str(path), "--workers", "2", "--output", str(out)]) == 0
     static = json.loads(out.read_text())
     assert static["worker_seconds"] == pytest.approx(2 * static["sim_duration_s"], abs=1e-3)
+
+
+def test_prefill_and_decode_pools_are_planned_separately():
+    limits = {"prefill": PoolLimits(1, 3), "decode": PoolLimits(1, 3)}
+    cfg = PlannerConfig(mode="load", interval_s=1.0, limits=limits)
+    holder = {}
+    planner = Planner(cfg, lambda: holder["r"].now / 1e3 if "r" in holder else 0.0)
+    split = ReplayConfig(num_workers=0, num_blocks=1024, num_decode_workers=1)
+    reqs = trace(300, 10.0, out=300, isl=2048)
+    replay = holder["r"] = ClusterReplay(split, reqs, planner, ClusterConfig(startup_s=1.0))
+    report = replay.run()
+    assert report["completed"] == 300
+    assert set(report["worker_seconds_per_pool"]) == {"prefill", "decode"}
+    assert set(report["replica_timeline"]) == {"prefill", "decode"}
+    assert max(s["up"] for s in report["replica_timeline"]["decode"]) > 1
+    roles = {w.role.value for w in replay.workers.values()}
+    assert roles == {"prefill", "decode"}
