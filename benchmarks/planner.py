@@ -147,6 +147,10 @@ def live_timeline(log: Path) -> list[dict]:
     ]
 
 
+def _pairs(xs: list) -> list:
+    return list(zip(xs, xs[1:], strict=False))
+
+
 def record_live(log: Path, bench: Path, out_path: Path) -> None:
     """Adds the live run (``serve --planner load`` under ``bench serve``) to the results and
     plots its replica timeline (docs/planner_live.png)."""
@@ -164,8 +168,8 @@ def record_live(log: Path, bench: Path, out_path: Path) -> None:
         "duration_s": round(r["duration_s"], 1),
         "ttft_p90_ms": r["ttft"]["p90"],
         "max_workers_up": max(s["up"] for s in timeline),
-        "scale_ups": sum(1 for a, b in zip(timeline, timeline[1:]) if b["target"] > a["target"]),
-        "scale_downs": sum(1 for a, b in zip(timeline, timeline[1:]) if b["target"] < a["target"]),
+        "scale_ups": sum(1 for a, b in _pairs(timeline) if b["target"] > a["target"]),
+        "scale_downs": sum(1 for a, b in _pairs(timeline) if b["target"] < a["target"]),
         "timeline": timeline,
     }
     out_path.write_text(json.dumps(results, indent=1))
