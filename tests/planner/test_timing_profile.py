@@ -51,3 +51,37 @@ def test_a_bad_profile_names_the_file(tmp_path):
     bad.write_text('{"version": 1, "engine": "x"}')
     with pytest.raises(ValueError, match="bad.json"):
         TimingProfile.load(bad)
+
+
+def test_profile_cli_writes_what_replay_reads(tmp_path):
+    from tokenmill.launch.cli import main
+
+    out = tmp_path / "mocker.json"
+    argv = [
+        "profile",
+        "--engine",
+        "mocker",
+        "--num-blocks",
+        "512",
+        "--max-num-batched-tokens",
+        "2048",
+        "--input-lengths",
+        "256,1024",
+        "--prefix-hits",
+        "0",
+        "--batch-sizes",
+        "1,8",
+        "--context-lengths",
+        "128",
+        "--decode-steps",
+        "2",
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 0
+    prof = TimingProfile.load(out)
+    assert prof.engine == "mocker" and prof.num_blocks == 512
+    assert [p.input_tokens for p in prof.prefill] == [256, 1024]
+    assert [d.batch_size for d in prof.decode] == [1, 8]
+    with pytest.raises(SystemExit):
+        main(["profile", "--engine", "mocker", "--decode-steps", "0"])

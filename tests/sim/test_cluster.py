@@ -162,3 +162,25 @@ def test_prefill_and_decode_pools_are_planned_separately():
     assert max(s["up"] for s in report["replica_timeline"]["decode"]) > 1
     roles = {w.role.value for w in replay.workers.values()}
     assert roles == {"prefill", "decode"}
+
+
+def test_planner_flags_are_checked(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        json.dumps({"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}) + "\n"
+    )
+    argv = [
+        "replay",
+        "--trace",
+        str(path),
+        "--planner",
+        "load",
+        "--min-workers",
+        "3",
+        "--max-workers",
+        "2",
+    ]
+    assert main(argv) == 2
+    assert "--min-workers must not exceed --max-workers" in capsys.readouterr().err
+    assert main(["serve", "--engine", "mocker", "--planner", "sla", "--port", "1"]) == 2
+    assert "needs --planner-profile" in capsys.readouterr().err

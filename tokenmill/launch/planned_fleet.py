@@ -43,8 +43,10 @@ def serve_planned(
     from tokenmill.planner.planner import Planner
     from tokenmill.runtime.nats_server import NatsServer
 
+    from tokenmill.core.errors import TokenmillError
+
     if spec.mode == "sla" and not spec.profile:
-        raise ValueError("serve --planner sla needs --planner-profile (tokenmill profile)")
+        raise TokenmillError("serve --planner sla needs --planner-profile (tokenmill profile)")
     profile = TimingProfile.load(spec.profile) if spec.profile else None
     start = time.monotonic()
     nats = None if fleet.nats_url else NatsServer().start()
