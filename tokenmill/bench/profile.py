@@ -51,10 +51,14 @@ class _Prompts:
 
 
 class Profiler:
-    """Measures ``core``; ``step_ms()`` says how long the step just run took."""
+    """Measures ``core``. ``simulated_ms`` (the mocker's ``last_step_ms``) prices the step just
+    run; None: the step's wall time. A warm-up request runs first (not measured: the first
+    forward pass of a real engine pays one-off initialisation)."""
 
-    def __init__(self, core: EngineCore, engine: str, step_ms: Callable[[], float]):
-        self.core, self.engine, self._step_ms = core, engine, step_ms
+    def __init__(
+        self, core: EngineCore, engine: str, simulated_ms: Callable[[], float] | None = None
+    ):
+        self.core, self.engine, self._simulated = core, engine, simulated_ms
         sched = core.scheduler
         self.block_size, self.num_blocks = sched.block_size, sched.kv.num_blocks
         self.prompts = _Prompts(core.vocab_size)
@@ -67,12 +71,19 @@ class Profiler:
         self.core.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt, params=params))
         return rid
 
+    def _step(self) -> tuple[list, float]:
+        """One engine step: its outputs and its time (ms)."""
+        t0 = time.perf_counter()
+        outs = self.core.step()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        return outs, wall_ms if self._simulated is None else self._simulated()
+
     def _run(self, until: Callable[[list], bool]) -> float:
         """Steps until ``until(outputs of the step)``; returns the summed step time (ms)."""
         total = 0.0
         while self.core.has_unfinished_requests():
-            outs = self.core.step()
-            total += self._step_ms()
+            outs, ms = self._step()
+            total += ms
             if until(outs):
                 break
         return total
@@ -107,8 +118,7 @@ class Profiler:
         kv = self.core.scheduler.kv
         total = usage = 0.0
         for _ in range(steps):
-            self.core.step()
-            total += self._step_ms()
+            total += self._step()[1]
             usage += kv.num_used_blocks / kv.num_blocks / steps  # as the step was priced
         self.core.abort_requests(ids)
         self._drain()
@@ -117,6 +127,8 @@ class Profiler:
     def run(self, cfg: ProfileConfig, log: Callable[[str], None] = lambda s: None) -> TimingProfile:
         sched_cfg = self.core.scheduler.config
         max_len = min(sched_cfg.max_model_len, self.num_blocks * self.block_size)
+        self._add(self.prompts.make(min(64, max_len - 4)), 4)  # warm-up
+        self._drain()
         prefill = []
         for length in (n for n in cfg.input_lengths if n + 1 < max_len):
             for hit in cfg.prefix_hits:
@@ -144,14 +156,3 @@ class Profiler:
             decode=decode,
         )
 
-
-def wall_step_timer() -> Callable[[], float]:
-    """A ``step_ms`` for real engines: wall ms since the previous call."""
-    last = [time.perf_counter()]
-
-    def step_ms() -> float:
-        now = time.perf_counter()
-        ms, last[0] = (now - last[0]) * 1e3, now
-        return ms
-
-    return step_ms

@@ -15,8 +15,8 @@ MOCKER_PROFILE_CONTEXT = 131_072
 
 
 def build_profile_core(spec: EngineSpec) -> tuple[Any, Any]:
-    """``(EngineCore, step_ms)`` for ``spec`` (kinds ``real`` and ``mocker``)."""
-    from tokenmill.bench.profile import wall_step_timer
+    """``(EngineCore, simulated_ms)`` for ``spec`` (kinds ``real`` and ``mocker``);
+    ``simulated_ms`` None: steps are timed by the wall clock."""
     from tokenmill.engine.builder import build_mock_core, build_real_core
     from tokenmill.engine.config import CacheConfig
     from tokenmill.launch.engines import scheduler_config
@@ -39,7 +39,7 @@ def build_profile_core(spec: EngineSpec) -> tuple[Any, Any]:
     core = build_real_core(
         loaded, scheduler_config(s, context), cache=cache, block_size=s.block_size, decode=False
     )
-    return core, wall_step_timer()
+    return core, None
 
 
 def run_profile(spec: EngineSpec, config: Any, output: str, verbose: bool = True) -> Any:
@@ -47,8 +47,8 @@ def run_profile(spec: EngineSpec, config: Any, output: str, verbose: bool = True
     returns the ``TimingProfile``."""
     from tokenmill.bench.profile import Profiler
 
-    core, step_ms = build_profile_core(spec)
-    profile = Profiler(core, spec.kind, step_ms).run(config, print if verbose else _quiet)
+    core, simulated_ms = build_profile_core(spec)
+    profile = Profiler(core, spec.kind, simulated_ms).run(config, print if verbose else _quiet)
     profile.save(output)
     return profile
 
