@@ -176,15 +176,41 @@ def record_live(log: Path, bench: Path, out_path: Path) -> None:
     plot_replica_timeline(timeline, ROOT / "docs" / "planner_live.png")
 
 
+def markdown(results: dict) -> str:
+    """The results as the tables docs/planner.md shows."""
+    out = []
+    for name, r in results.items():
+        if not isinstance(r, dict) or "runs" not in r:
+            continue
+        out += [f"**{name}** ({r['num_requests']} requests; baseline {r['baseline']})", ""]
+        out += [
+            "| policy | SLA attainment | worker-s | killed | max up | TTFT p90 ms | ITL p90 ms |"
+        ]
+        out += ["|---|---|---|---|---|---|---|"]
+        for run in r["runs"]:
+            out.append(
+                f"| {run['policy']} | {run['sla_attainment']:.4f} | {run['worker_seconds']:.0f} "
+                f"| {run['killed_requests']} | {run['max_workers_up'] or '-'} "
+                f"| {run['ttft_p90_ms']} | {run['itl_p90_ms']} |"
+            )
+        goals = {k: v for k, v in r.items() if k.startswith(("goal", "tokenmill_"))}
+        out += ["", "; ".join(f"{k}: {v}" for k, v in goals.items()), ""]
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--live-log", default=None, help="record a live run: its --planner-log")
     ap.add_argument("--live-bench", default=None, help="... and its bench serve results.json")
+    ap.add_argument("--markdown", action="store_true", help="print --out's tables and exit")
     ap.add_argument("--only", default=None, help="one trace name")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "planner.json"))
     args = ap.parse_args()
     out_path = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(out_path.read_text())))
+        return 0
     if args.live_log:
         record_live(Path(args.live_log), Path(args.live_bench), out_path)
         return 0
