@@ -92,3 +92,32 @@ def _worker_lines(ax, samples: list[dict], metric: str) -> None:
     ax.set_ylabel(metric, fontsize="small")
     ax.legend(loc="upper left", fontsize="x-small", ncol=4)
     ax.grid(alpha=0.3)
+
+
+def plot_replica_timeline(
+    timeline: list[dict], path: Path, series: dict[str, list[dict]] | None = None
+) -> Path | None:
+    """Workers over time of a planned run (``replica_timeline`` samples: ``time_s``, ``up``,
+    ``starting``, ``draining``, ``target``) as steps; ``series`` instead: several runs'
+    provisioned workers (up + starting) on one plot, by label."""
+    runs = series or {"": timeline}
+    if not any(runs.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, samples in runs.items():
+        xs = [s["time_s"] for s in samples]
+        if series:
+            ax.step(xs, [s["up"] + s["starting"] for s in samples], where="post", label=label)
+            continue
+        ax.step(xs, [s["up"] for s in samples], where="post", label="up")
+        ax.step(xs, [s["up"] + s["starting"] for s in samples], where="post", label="up+starting")
+        ax.step(xs, [s["draining"] for s in samples], where="post", label="draining")
+        ax.step(xs, [s["target"] for s in samples], where="post", ls=":", label="target")
+    ax.set(xlabel="time (s)", ylabel="workers", title="replica timeline")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

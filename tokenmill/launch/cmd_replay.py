@@ -21,7 +21,7 @@ from tokenmill.launch.specs import MOCKER_DEFAULTS
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("replay", help="simulate a trace on router + mocker workers")
-    p.add_argument("--trace", required=True, help="Mooncake JSONL trace")
+    p.add_argument("--trace", required=True, help="Mooncake JSONL, Azure CSV or AIBrix JSONL")
     p.add_argument("--workers", type=int, default=8)
     flags.add_router_mode(p, default="kv")
     p.add_argument("--output", default=None, help="report JSON path")
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
         "--save-requests", action="store_true", help="per-request records in the report JSON"
     )
     flags.add_replay_disagg(p)
+    flags.add_planner(p, replay=True)
     p.set_defaults(func=run)
 
 
@@ -126,21 +127,31 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from tokenmill.engine.mocker import ProfileTiming
+    from tokenmill.launch.planning import plot_timeline, run_planned_replay
+    from tokenmill.launch.profiling import load_step_timing
+    from tokenmill.launch.specs import PlannerSpec
+    from tokenmill.sim.cluster import static_cost_metrics
     from tokenmill.sim.replay import Replay
     from tokenmill.sim.report import request_json
-    from tokenmill.sim.trace import read_mooncake
+    from tokenmill.sim.workload import read_trace
 
     if args.prefill_workers and not args.decode_workers:
         raise SystemExit("replay: --prefill-workers needs --decode-workers")
     if args.disagg_control == "dynamo" and args.decode_workers and not args.prefill_workers:
         raise SystemExit("replay: --disagg-control dynamo needs --prefill-workers")
     cfg = build_config(args)
-    requests = read_mooncake(args.trace, args.max_requests, args.arrival_speed)
-    timing = ProfileTiming.load(args.timing_profile) if args.timing_profile else None
+    planner = PlannerSpec.from_args(args)
+    requests = read_trace(args.trace, args.max_requests, args.arrival_speed, args.trace_block_size)
+    timing = load_step_timing(args.timing_profile) if args.timing_profile else None
     t0 = time.perf_counter()
-    replay = Replay(cfg, requests, timing)
-    report = replay.run()
+    if planner.mode is None:
+        replay = Replay(cfg, requests, timing)
+        report = replay.run()
+        report.update(static_cost_metrics(report, {"both": args.workers}))
+    else:
+        report, replay = run_planned_replay(planner, cfg, requests, timing)
+        if args.timeline_plot:
+            plot_timeline(report, args.timeline_plot)
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     report["config"] = {
         "router_mode": args.router_mode,
@@ -150,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "disagg": args.disagg if cfg.split else None,
         "disagg_control": args.disagg_control if cfg.split else None,
         "kv_transfer_bandwidth": args.kv_transfer_bandwidth,
+        "planner": planner.mode,
         "arrival_speed": args.arrival_speed,
         "seed": args.seed,
         "trace": args.trace,
@@ -167,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         f"{_f(report['itl']['mean'], 2)} ms (all gaps: mean {_f(gaps['mean'], 2)} p99 "
         f"{_f(gaps['p99'], 2)}), "
         f"reuse {_f(report['kv_reuse_ratio'], 3)}, shed {report['shed_requests']}, "
+        f"SLA {_f(report['sla_attainment'], 4)}, {report['worker_seconds']:.0f} worker-s, "
         f"wall {report['wall_s']} s"
     )
     return 0

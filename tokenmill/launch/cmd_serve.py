@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_router_mode(p)
     flags.add_fleet(p)
     flags.add_disagg(p)
+    flags.add_planner(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     config = specs.frontend_config(args)
     router = specs.RouterSpec.from_args(args)
     fleet = specs.FleetSpec.from_args(args)
-    if fleet.roles:
+    planner = specs.PlannerSpec.from_args(args)
+    if fleet.roles or planner.mode is not None:
         disagg = specs.DisaggSpec.from_args(args)
-        return servers.serve_fleet(engine, fleet, http, config, router, disagg)
+        return servers.serve_fleet(engine, fleet, http, config, router, disagg, planner)
     return servers.serve_local(engine, http, config, router)

@@ -439,5 +439,48 @@ def add_replay_disagg(p: Parser) -> None:
     )
     g.add_argument("--kv-transfer-tokens", choices=TRANSFER_TOKENS, default=t.tokens)
     g.add_argument("--kv-transfer-link", choices=TRANSFER_LINKS, default=t.link)
-    g.add_argument("--slo-ttft-ms", type=POSITIVE, default=2000.0, help="goodput: TTFT bound")
-    g.add_argument("--slo-itl-ms", type=POSITIVE, default=25.0, help="goodput: ITL bound")
+
+
+def add_planner(p: Parser, replay: bool = False) -> None:
+    """The planner (``--planner``): targets, pool limits, forecasts; ``replay`` adds the
+    simulated cluster's start-up time and the ``dynamo`` control mode."""
+    from tokenmill.launch.specs import PlannerSpec
+
+    d = PlannerSpec
+    g = p.add_argument_group("planner")
+    modes = ("sla", "load", "dynamo") if replay else ("sla", "load")
+    g.add_argument("--planner", choices=modes, default=None, help="resize the worker pool")
+    g.add_argument("--slo-ttft-ms", type=POSITIVE, default=d.slo_ttft_ms)
+    g.add_argument("--slo-itl-ms", type=POSITIVE, default=d.slo_itl_ms)
+    g.add_argument("--min-workers", type=POSITIVE_INT, default=d.min_workers)
+    g.add_argument("--max-workers", type=POSITIVE_INT, default=d.max_workers)
+    g.add_argument("--total-budget", type=POSITIVE_INT, default=None, help="workers, all pools")
+    g.add_argument(
+        "--planner-interval-s",
+        type=POSITIVE,
+        default=None,
+        help="seconds between decisions (default: 10; dynamo 5, with its 180 s throughput step)",
+    )
+    g.add_argument("--predictor", choices=d.PREDICTORS, default=d.predictor)
+    g.add_argument(
+        "--planner-profile",
+        default=None,
+        metavar="PATH",
+        help="timing profile (tokenmill profile) for --planner sla/dynamo; default: the "
+        "mocker's, measured at start",
+    )
+    g.add_argument("--planner-log", default=None, metavar="PATH", help="decisions as JSON lines")
+    g.add_argument(
+        "--drain-deadline-s",
+        type=NON_NEGATIVE,
+        default=d.drain_deadline_s,
+        help="a removed worker's in-flight requests migrate after this",
+    )
+    if replay:
+        g.add_argument(
+            "--worker-startup-s",
+            type=NON_NEGATIVE,
+            default=d.startup_s,
+            help="seconds from asking for a worker to its first request",
+        )
+        g.add_argument("--timeline-plot", default=None, metavar="PNG", help="replica timeline")

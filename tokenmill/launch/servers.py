@@ -14,6 +14,7 @@ import dataclasses
 import time
 from typing import Any
 
+from tokenmill.core.errors import TokenmillError
 from tokenmill.launch import event_loop
 from tokenmill.launch.http_server import serve_stack
 from tokenmill.launch.processes import NatsProcess, WorkerProcess, alive_check, stop_processes
@@ -63,13 +64,25 @@ def serve_fleet(
     config: Any,
     router: RouterSpec,
     disagg: DisaggSpec | None = None,
+    planner: Any = None,
 ) -> int:
-    """Starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
+    """With ``planner`` (a ``PlannerSpec`` with a mode) the planner sizes the fleet
+    (``planned_fleet.serve_planned``). Otherwise starts NATS (unless ``fleet.nats_url``) and the workers, serves until a signal, then
     stops the workers (SIGTERM, their drain time) and NATS. Once serving, a ``Supervisor``
     restarts a dead worker (or the embedded NATS) within ``fleet.restarts``; when it cannot,
     the server stops and exits 1."""
     from tokenmill.runtime.nats_server import NatsServer
 
+    if planner is not None and planner.mode is not None:
+        from tokenmill.launch.planned_fleet import serve_planned
+
+        if fleet.num_prefill_workers or fleet.num_decode_workers:
+            raise TokenmillError(
+                "--planner sizes an aggregated pool; with --prefill-workers/--decode-workers "
+                "it is not supported yet (the replay plans split pools: replay --planner)"
+            )
+
+        return serve_planned(engine, fleet, http, config, router, planner)
     start = time.monotonic()
     nats = None if fleet.nats_url else NatsServer().start()
     url = fleet.nats_url if nats is None else nats.url

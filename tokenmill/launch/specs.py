@@ -324,3 +324,66 @@ def frontend_config(args: Namespace) -> Any:
         allow_pinning=args.allow_pinning,
         request_log=args.request_log,
     )
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    """``--planner`` and its settings (defaults: ``flags.add_planner``'s). ``mode`` None: no
+    planner (a static pool)."""
+
+    PREDICTORS = ("constant", "moving-average", "kalman", "arima")
+
+    mode: str | None = None
+    slo_ttft_ms: float = 2_000.0
+    slo_itl_ms: float = 25.0
+    min_workers: int = 1
+    max_workers: int = 8
+    total_budget: int | None = None
+    interval_s: float | None = None
+    predictor: str = "kalman"
+    profile: str | None = None
+    log: str | None = None
+    drain_deadline_s: float = 60.0
+    startup_s: float = 30.0
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> PlannerSpec:
+        from tokenmill.core.errors import TokenmillError
+
+        if args.min_workers > args.max_workers:
+            raise TokenmillError("--min-workers must not exceed --max-workers")
+        return cls(
+            args.planner,
+            args.slo_ttft_ms,
+            args.slo_itl_ms,
+            args.min_workers,
+            args.max_workers,
+            args.total_budget,
+            args.planner_interval_s,
+            args.predictor,
+            args.planner_profile,
+            args.planner_log,
+            args.drain_deadline_s,
+            getattr(args, "worker_startup_s", cls.startup_s),
+        )
+
+    def planner_config(self, pools: tuple[str, ...] = ("both",)) -> Any:
+        """The ``planner.PlannerConfig`` of this spec (every pool gets the min/max)."""
+        from tokenmill.planner.dynamo import DynamoConfig
+        from tokenmill.planner.observation import PoolLimits
+        from tokenmill.planner.planner import PlannerConfig
+        from tokenmill.planner.policies import SlaConfig, Targets
+
+        assert self.mode is not None
+        interval = self.interval_s or (5.0 if self.mode == "dynamo" else 10.0)
+        limits = {p: PoolLimits(self.min_workers, self.max_workers) for p in pools}
+        return PlannerConfig(
+            mode=self.mode,
+            interval_s=interval,
+            targets=Targets(self.slo_ttft_ms, self.slo_itl_ms),
+            limits=limits,
+            total_budget=self.total_budget,
+            startup_s=self.startup_s,
+            sla=SlaConfig(predictor=self.predictor),
+            dynamo=DynamoConfig(predictor=self.predictor),
+        )
