@@ -113,6 +113,11 @@ class Tokenizer:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON of the pipeline (vocabulary, merges, added tokens): what
+        the grammar library builds its token trie from (``engine/structured``)."""
+        return self._backend.to_str()
+
     def encode(
         self,
         text: str,
