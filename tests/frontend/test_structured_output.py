@@ -279,3 +279,48 @@ def test_auto_tool_calls_parsed_from_model_text_streaming_and_not(echo):
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == (r.choices[0].message.content or "")
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_responses_api_text_stream_usage_and_format(client):
+    r = client.responses.create(model="m", input="hello", instructions="be brief", max_output_tokens=8)
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text and r.usage.output_tokens == 8 and r.usage.input_tokens > 0
+    r = client.responses.create(
+        model="m",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "json please"}]}],
+        max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "p", "schema": SCHEMAS[0], "strict": True}},
+    )
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), SCHEMAS[0])
+    events = list(client.responses.create(model="m", input="hi", max_output_tokens=6, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-1] == "response.incomplete" and "response.output_text.done" in kinds
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text and events[-1].response.usage.output_tokens == 6
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_api_refuses_what_it_does_not_serve_by_name(client):
+    cases = [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"background": True}, "background"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+         "input[0].content[0].type"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": [{"role": "user", "content": None}]}, "input[0].content"),
+    ]
+    for kwargs, param in cases:
+        kwargs = {"input": "hi", **kwargs}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="m", **kwargs)
+        assert info.value.body["param"] == param, kwargs
