@@ -177,17 +177,23 @@ def test_streamed_structured_output_matches_the_schema(client):
 
 def test_bad_constraints_are_400s_naming_the_field(client):
     cases = [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-         "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": _json_schema({"type": "nope"})}, "response_format.json_schema.schema"),
         ({"extra_body": {"guided_regex": "(("}}, "guided_regex"),
         ({"extra_body": {"guided_grammar": "start: nope"}}, "guided_grammar"),
-        ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}},
-         "guided_regex"),
+        (
+            {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}},
+            "guided_regex",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-         "tool_choice.function.name"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
     ]
     for kwargs, param in cases:
@@ -204,7 +210,12 @@ def test_bad_constraints_are_400s_naming_the_field(client):
 
 def test_tool_choice_required_and_named_always_parse(client):
     r = client.chat.completions.create(
-        model="m", messages=ASK, max_tokens=200, seed=5, tools=[WEATHER, TIME], tool_choice="required"
+        model="m",
+        messages=ASK,
+        max_tokens=200,
+        seed=5,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
@@ -241,7 +252,10 @@ def test_tool_history_round_trip(client):
                 {
                     "id": "call_1",
                     "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"city": "Paris", "unit": "c"}',
+                    },
                 }
             ],
         },
@@ -261,7 +275,9 @@ def test_auto_tool_calls_parsed_from_model_text_streaming_and_not(echo):
     """The echo engine answers with the prompt: a Hermes call in it is model text."""
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "f"}}\n</tool_call>'
     messages = [{"role": "user", "content": call}]
-    once = echo.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=1)
+    once = echo.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], max_tokens=1
+    )
     n = once.usage.prompt_tokens  # the echo of the whole prompt, once
     r = echo.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=n)
     calls = r.choices[0].message.tool_calls
@@ -282,7 +298,9 @@ def test_auto_tool_calls_parsed_from_model_text_streaming_and_not(echo):
 
 
 def test_responses_api_text_stream_usage_and_format(client):
-    r = client.responses.create(model="m", input="hello", instructions="be brief", max_output_tokens=8)
+    r = client.responses.create(
+        model="m", input="hello", instructions="be brief", max_output_tokens=8
+    )
     assert r.object == "response" and r.id.startswith("resp_")
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text and r.usage.output_tokens == 8 and r.usage.input_tokens > 0
@@ -313,9 +331,14 @@ def test_responses_api_refuses_what_it_does_not_serve_by_name(client):
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"background": True}, "background"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
-         "input[0].content[0].type"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+            "input[0].type",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            "input[0].content[0].type",
+        ),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"input": [{"role": "user", "content": None}]}, "input[0].content"),
     ]

@@ -24,8 +24,18 @@ CASES = [
         [("f", {"x": 1}), ("g", {})],
     ),
     (ToolMode("parse", "hermes"), "a <tool_ca b", "a <tool_ca b", []),
-    (ToolMode("parse", "hermes"), "x<tool_call>{not json}</tool_call>", "x<tool_call>{not json}</tool_call>", []),
-    (ToolMode("parse", "hermes"), '<tool_call>{"name": "f", "arguments": {"y": "z"}}', "", [("f", {"y": "z"})]),
+    (
+        ToolMode("parse", "hermes"),
+        "x<tool_call>{not json}</tool_call>",
+        "x<tool_call>{not json}</tool_call>",
+        [],
+    ),
+    (
+        ToolMode("parse", "hermes"),
+        '<tool_call>{"name": "f", "arguments": {"y": "z"}}',
+        "",
+        [("f", {"y": "z"})],
+    ),
     (
         ToolMode("parse", "llama3"),
         '<|python_tag|>{"name": "f", "parameters": {"a": "b"}}; {"name": "g", "parameters": {}}',
@@ -56,7 +66,11 @@ def _run(mode, pieces):
     c, d = stream.finish()
     content.append(c)
     calls = merge_deltas(deltas + d)
-    return "".join(content), [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls], calls
+    return (
+        "".join(content),
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls],
+        calls,
+    )
 
 
 @pytest.mark.parametrize("mode,text,content,calls", CASES)

@@ -239,7 +239,10 @@ def _history_call(call: Any, index: int, j: int) -> dict[str, Any]:
 def _as_hermes_text(message: dict[str, Any]) -> dict[str, Any]:
     """A tool call or tool result as Hermes text, for templates that know neither."""
     if message["role"] == "tool":
-        return {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+        return {
+            "role": "user",
+            "content": f"<tool_response>\n{message['content']}\n</tool_response>",
+        }
     calls = message.get("tool_calls")
     if not calls:
         return message
@@ -287,11 +290,13 @@ def _tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         raise InvalidRequestError(f"at most {MAX_TOOLS} tools", param="tools")
     out, names = [], set()
     for i, tool in enumerate(req.tools):
-        if tool.type != "function" or tool.function is None:
+        if tool.type != "function":
             raise InvalidRequestError(
                 f"tools[{i}]: only function tools are supported, got type {tool.type!r}",
                 param=f"tools[{i}].type",
             )
+        if tool.function is None:
+            raise InvalidRequestError(f"tools[{i}] needs a function", param=f"tools[{i}].function")
         fn = tool.function
         if not _FUNCTION_NAME.fullmatch(fn.name) or fn.name in names:
             raise InvalidRequestError(

@@ -179,7 +179,9 @@ class StreamFormatter:
         if calls:
             delta["tool_calls"] = calls
         lp = self._logprobs(event) if event.logprobs else None
-        return _encode({"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish})
+        return _encode(
+            {"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        )
 
     def _logprobs(self, event: ChoiceEvent) -> dict[str, Any]:
         assert event.logprobs
@@ -259,6 +261,6 @@ class Collector:
         content, calls = content + more, merge_deltas(deltas + rest)
         if not calls:
             return {"role": "assistant", "content": content}, finish
-        content = content if content.strip() else None  # the newlines around calls
-        message = {"role": "assistant", "content": content, "tool_calls": calls}
+        text = content if content.strip() else None  # None: only the newlines around calls
+        message = {"role": "assistant", "content": text, "tool_calls": calls}
         return message, "tool_calls" if finish == "stop" else finish

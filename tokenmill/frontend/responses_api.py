@@ -103,7 +103,9 @@ def _refuse_unsupported(req: ResponsesRequest) -> None:
 
 
 def _messages(req: ResponsesRequest) -> list[ChatMessage]:
-    messages = [] if req.instructions is None else [ChatMessage(role="system", content=req.instructions)]
+    messages = (
+        [] if req.instructions is None else [ChatMessage(role="system", content=req.instructions)]
+    )
     if isinstance(req.input, str):
         return [*messages, ChatMessage(role="user", content=req.input)]
     for i, item in enumerate(req.input):
@@ -262,7 +264,9 @@ class ResponsesStream:
             if event.text:
                 self._r.texts.append(event.text)
                 out.append(
-                    self._event("response.output_text.delta", **self._ids(), delta=event.text, logprobs=[])
+                    self._event(
+                        "response.output_text.delta", **self._ids(), delta=event.text, logprobs=[]
+                    )
                 )
         return b"".join(out)
 
@@ -272,7 +276,9 @@ class ResponsesStream:
         return [
             self._event("response.created", response=body),
             self._event("response.in_progress", response=body),
-            self._event("response.output_item.added", output_index=0, item=self._r.item("in_progress")),
+            self._event(
+                "response.output_item.added", output_index=0, item=self._r.item("in_progress")
+            ),
             self._event(
                 "response.content_part.added",
                 **self._ids(),

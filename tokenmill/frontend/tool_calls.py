@@ -155,9 +155,7 @@ class ToolCallStream:
         head = self._buf.lstrip()
         if not head:
             return "", []
-        markers = (
-            (_PYTHON_TAG, "{") if self.mode.parser == "llama3" else (_MISTRAL_TAG, "[")
-        )
+        markers = (_PYTHON_TAG, "{") if self.mode.parser == "llama3" else (_MISTRAL_TAG, "[")
         if any(m.startswith(head) or head.startswith(m) for m in markers):
             if len(head) < max(map(len, markers)) and not head.startswith(markers[1]):
                 return "", []  # still a possible marker prefix

@@ -60,6 +60,7 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
         self.grammars = grammars
+        self.jump_forward = True  # append the tokens a grammar forces (False: one per step)
         self._generators: dict[str, torch.Generator] = {}
         self._request_grammars: dict[str, RequestGrammar] = {}
         self._shared = torch.Generator(self.device)
@@ -178,7 +179,7 @@ class Sampler:
             if grammar is None or row.params.structured is None:
                 continue
             grammar.consume([tok])
-            if row.params.logprobs is None and tok not in self.eos_token_ids:
+            if self.jump_forward and row.params.logprobs is None and tok not in self.eos_token_ids:
                 out.sampled[row.request_id].extend(grammar.jump_forward())
 
     # -- logits processors ------------------------------------------------------------------

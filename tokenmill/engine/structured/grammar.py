@@ -23,13 +23,16 @@ import json
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import llguidance
 import numpy as np
 
 from tokenmill.core.errors import InvalidRequestError
 from tokenmill.core.sampling import StructuredOutput
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 DEFAULT_CACHE_SIZE = 256
 _JSON_OPTIONS: dict[str, Any] = {
@@ -44,7 +47,7 @@ def grammar_text(spec: StructuredOutput) -> str:
     schema is not JSON."""
     if spec.json_schema is not None or spec.json_object:
         schema = spec.json_schema if spec.json_schema is not None else '{"type": "object"}'
-        options = {**_JSON_OPTIONS, "lenient": spec.lenient}
+        options = cast("JsonCompileOptions", {**_JSON_OPTIONS, "lenient": spec.lenient})
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except ValueError as e:
