@@ -336,7 +336,7 @@ def _tool_mode(
     if choice == "required":
         parallel = req.parallel_tool_calls is not False
         schema = tool_calls.required_schema(tools, parallel)
-        return ToolMode("required"), _schema_spec(schema, strict=True)
+        return ToolMode("required"), _schema_spec(schema, strict=False)
     if isinstance(choice, NamedToolChoice) and choice.type == "function":
         name = choice.function.name if choice.function is not None else choice.name
         tool = next((t for t in tools if t["function"]["name"] == name), None)
@@ -346,7 +346,7 @@ def _tool_mode(
                 param="tool_choice.function.name",
             )
         schema = tool_calls.parameters_schema(tool)
-        return ToolMode("named", name=name), _schema_spec(schema, strict=True)
+        return ToolMode("named", name=name), _schema_spec(schema, strict=False)
     raise InvalidRequestError(
         "tool_choice must be 'none', 'auto', 'required' or "
         '{"type": "function", "function": {"name": ...}}',
