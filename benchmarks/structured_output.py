@@ -4,13 +4,15 @@ validity of what it generates.
 Runs the offline engine (``LLM``, the default model SmolLM2-135M-Instruct unless ``--model``)
 with 32 requests at once, each asked (chat template) for a JSON object of one of 10 schemas:
 
-- **throughput**: rounds of ``constrained`` (the schema as ``StructuredOutput``, jump-forward
-  on), ``constrained_no_jf`` (jump-forward off: one token per step, the mask's cost alone) and
-  ``free`` (no constraint, ``ignore_eos`` and each request's ``max_tokens`` set to the token
-  count its constrained twin produced, so both generate the same tokens), interleaved
-  ``--rounds`` times; output tokens per second of each, and the ratios to ``free`` in the
-  same run. Time inside the grammar step (mask fill + unpack + apply, and advancing the
-  matcher) is measured per step, as the profile of where the cost goes.
+- **throughput**: rounds of ``constrained_no_jf`` (the schema as ``StructuredOutput``,
+  jump-forward off: one token per step, the mask's cost alone), ``free`` (no constraint,
+  ``ignore_eos`` and each request's ``max_tokens`` set to the token count its constrained twin
+  produced, so both generate the same tokens) and ``constrained_jf`` (jump-forward on), back
+  to back, ``--rounds`` times. Reported: each round's output tokens per second, the median
+  over rounds of each variant's ratio to ``free`` by wall time and by process CPU time (the
+  machine is shared: wall time swings with other load, CPU time much less), and the time
+  spent in the sampler's grammar steps (mask fill + unpack + apply, advancing the matcher)
+  as a share of the constrained run: the profile of where the cost goes.
 - **validity**: ``--objects`` (200) constrained requests, 20 per schema, all in one batch;
   every output is parsed and validated with ``jsonschema``.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -137,6 +140,21 @@ SCHEMAS: list[dict[str, Any]] = [
         "required": ["shape", "label"],
     },
 ]
+
+
+def _closed(schema: Any) -> Any:
+    """Every object schema with ``additionalProperties: false`` (as OpenAI's strict mode)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in out:
+        out["additionalProperties"] = False
+    return out
+
+
+SCHEMAS = [_closed(s) for s in SCHEMAS]
 TOPICS = ["a person", "a city", "a product", "colors", "an event", "a book", "a review",
           "a recipe", "a user", "a shape"]  # fmt: skip
 
@@ -188,55 +206,82 @@ class GrammarTimer:
 
 
 def run(llm: LLM, batch: list[tuple[int, list[int]]], params: list[SamplingParams]):
-    t = time.perf_counter()
+    """(results, wall seconds, process CPU seconds) of one batch run to completion."""
+    wall, cpu = time.perf_counter(), time.process_time()
     results = llm.generate([ids for _, ids in batch], params)
-    return results, time.perf_counter() - t
+    return results, time.perf_counter() - wall, time.process_time() - cpu
+
+
+VARIANTS = ("free", "constrained_no_jf", "constrained_jf")
 
 
 def throughput(llm: LLM, args, timer: GrammarTimer) -> dict[str, Any]:
+    """Rounds of the three variants back to back (the same prompts and token counts); the
+    per-round ratios to ``free`` (wall and CPU time) and their medians."""
     batch = prompts(llm, args.concurrency)
     sampler = llm.core.executor.sampler
-    rows: dict[str, list[float]] = {"constrained": [], "constrained_no_jf": [], "free": []}
-    grammar_s: list[float] = []
-    steps: list[int] = []
+    per_round: list[dict[str, Any]] = []
     for r in range(args.rounds):
         params = [
             constrained_params(k, r * 1000 + i, args.max_tokens) for i, (k, _) in enumerate(batch)
         ]
-        sampler.jump_forward = True
-        out, secs = run(llm, batch, params)
-        counts = [max(1, len(o.token_ids)) for o in out]
-        rows["constrained"].append(sum(counts) / secs)
         sampler.jump_forward = False
-        before = (timer.mask_s + timer.advance_s, timer.num_steps)
-        out2, secs = run(llm, batch, params)
-        grammar_s.append(timer.mask_s + timer.advance_s - before[0])
-        steps.append(timer.num_steps - before[1])
-        rows["constrained_no_jf"].append(sum(len(o.token_ids) for o in out2) / secs)
-        sampler.jump_forward = True
+        mark = timer.mask_s + timer.advance_s, timer.num_steps
+        out, wall, cpu = run(llm, batch, params)
+        counts = [max(1, len(o.token_ids)) for o in out]
+        grammar_s = timer.mask_s + timer.advance_s - mark[0]
+        row: dict[str, Any] = {
+            "constrained_no_jf": (sum(counts), wall, cpu),
+            "grammar_s": grammar_s,
+            "grammar_steps": timer.num_steps - mark[1],
+        }
         free = [
             SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.7, seed=i)
             for i, n in enumerate(counts)
         ]
-        out3, secs = run(llm, batch, free)
-        rows["free"].append(sum(len(o.token_ids) for o in out3) / secs)
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in rows.items()))
-    best = {k: max(v) for k, v in rows.items()}
+        out, wall, cpu = run(llm, batch, free)
+        row["free"] = (sum(len(o.token_ids) for o in out), wall, cpu)
+        sampler.jump_forward = True
+        out, wall, cpu = run(llm, batch, params)
+        row["constrained_jf"] = (sum(len(o.token_ids) for o in out), wall, cpu)
+        sampler.jump_forward = False
+        for v in VARIANTS:
+            n, wall, cpu = row[v]
+            row[v] = {"tokens": n, "wall_s": wall, "cpu_s": cpu, "tokens_per_s": n / wall}
+        row["grammar_share_of_wall"] = grammar_s / row["constrained_no_jf"]["wall_s"]
+        per_round.append(row)
+        print(
+            f"round {r}: "
+            + ", ".join(f"{v} {row[v]['tokens_per_s']:.1f} tok/s" for v in VARIANTS)
+            + f", grammar {100 * row['grammar_share_of_wall']:.1f}% of the constrained run"
+        )
+
+    def ratio(v: str, key: str) -> float:
+        per = [
+            (row[v]["tokens"] / row[v][key]) / (row["free"]["tokens"] / row["free"][key])
+            for row in per_round
+        ]
+        return statistics.median(per)
+
+    steps = sum(r["grammar_steps"] for r in per_round)
     return {
         "concurrency": args.concurrency,
-        "tokens_per_s": rows,
-        "best_tokens_per_s": best,
-        "ratio_constrained_to_free": best["constrained"] / best["free"],
-        "ratio_constrained_no_jump_forward_to_free": best["constrained_no_jf"] / best["free"],
-        "grammar_ms_per_step_no_jf": 1e3 * sum(grammar_s) / max(1, sum(steps)),
-        "grammar_steps_no_jf": sum(steps),
+        "rounds": per_round,
+        "median_ratio_to_free_wall": {v: ratio(v, "wall_s") for v in VARIANTS[1:]},
+        "median_ratio_to_free_cpu": {v: ratio(v, "cpu_s") for v in VARIANTS[1:]},
+        "median_grammar_share_of_wall": statistics.median(
+            r["grammar_share_of_wall"] for r in per_round
+        ),
+        "grammar_ms_per_step": 1e3 * sum(r["grammar_s"] for r in per_round) / max(1, steps),
     }
 
 
 def validity(llm: LLM, args) -> dict[str, Any]:
     batch = prompts(llm, args.objects)
-    params = [constrained_params(k, 7 + i, args.max_tokens) for i, (k, _) in enumerate(batch)]
-    out, secs = run(llm, batch, params)
+    params = [
+        constrained_params(k, 7 + i, args.validity_max_tokens) for i, (k, _) in enumerate(batch)
+    ]
+    out, secs, _ = run(llm, batch, params)
     failures = []
     for (k, _), o in zip(batch, out, strict=True):
         try:
@@ -265,9 +310,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: SmolLM2-135M)")
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--objects", type=int, default=200)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--validity-max-tokens", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/structured_output.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -284,9 +330,13 @@ def main() -> None:
     }
     t = result["throughput"]
     print(
-        f"constrained/free {t['ratio_constrained_to_free']:.3f}, without jump-forward "
-        f"{t['ratio_constrained_no_jump_forward_to_free']:.3f}, grammar "
-        f"{t['grammar_ms_per_step_no_jf']:.2f} ms/step; valid "
+        f"constrained/free (median of rounds, wall / CPU): no jump-forward "
+        f"{t['median_ratio_to_free_wall']['constrained_no_jf']:.3f} / "
+        f"{t['median_ratio_to_free_cpu']['constrained_no_jf']:.3f}, jump-forward "
+        f"{t['median_ratio_to_free_wall']['constrained_jf']:.3f} / "
+        f"{t['median_ratio_to_free_cpu']['constrained_jf']:.3f}; grammar "
+        f"{t['grammar_ms_per_step']:.2f} ms/step, "
+        f"{100 * t['median_grammar_share_of_wall']:.1f}% of the constrained run; valid "
         f"{result['validity']['num_valid']}/{result['validity']['num_objects']}"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -347,3 +347,9 @@ def test_responses_api_refuses_what_it_does_not_serve_by_name(client):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="m", **kwargs)
         assert info.value.body["param"] == param, kwargs
+
+
+def test_responses_api_stored_prompt_is_refused_not_read_as_text(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="m", input="hi", extra_body={"prompt": {"id": "pmpt_1"}})
+    assert info.value.body["param"] == "prompt"

@@ -87,7 +87,7 @@ def _refuse_unsupported(req: ResponsesRequest) -> None:
         "conversation": req.conversation is not None,
         "background": bool(req.background),
         "tools": bool(req.tools),
-        "prompt": req.prompt is not None,
+        "prompt": req.stored_prompt is not None,
         "include": bool(req.include),
         "top_logprobs": bool(req.top_logprobs),
         "reasoning": bool(req.reasoning and any(v is not None for v in req.reasoning.values())),

@@ -174,13 +174,14 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     seed: int | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
-    prompt: Any = None
+    # a stored prompt (refused); not ``prompt``: that name means a completion's prompt
+    stored_prompt: Any = msgspec.field(default=None, name="prompt")
     service_tier: str | None = None
     max_tool_calls: int | None = None
 
 
 _TOO_DEEP = "malformed JSON body: nested too deeply"
-_PATH = re.compile(r"at `\$\.?([A-Za-z_]+)")
+_PATH = re.compile(r"at `\$\.?([A-Za-z_][^`]*)`")  # the whole path: messages[0].role
 
 
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
