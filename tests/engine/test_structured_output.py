@@ -129,3 +129,39 @@ def test_compile_errors_and_the_cache(tokenizer):
     with pytest.raises(InvalidRequestError) as info:
         StructuredOutput(regex="a", grammar="b")
     assert info.value.param == "structured_output"
+
+
+def _obj(**props):
+    return {
+        "type": "object",
+        "properties": props,
+        "required": list(props),
+        "additionalProperties": False,
+    }
+
+
+SHORT = {"type": "string", "maxLength": 5}
+SMALL = {"type": "integer", "minimum": -50, "maximum": 50}
+TEN_SCHEMAS = [
+    _obj(name=SHORT, age={"type": "integer", "minimum": 0, "maximum": 120}),
+    _obj(tags={"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}),
+    _obj(point=_obj(x=SMALL, y=SMALL)),
+    _obj(flag={"type": "boolean"}, note={"anyOf": [{"type": "null"}, SHORT]}),
+    {"type": "array", "items": SMALL, "minItems": 1, "maxItems": 5},
+    _obj(kind={"const": "circle"}, r={"type": "integer", "minimum": 1, "maximum": 9}),
+    _obj(date={"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}),
+    _obj(choice={"enum": ["yes", "no", 3, None]}),
+    _obj(items={"type": "array", "items": _obj(id=SMALL), "maxItems": 2}),
+    {"anyOf": [_obj(a=SMALL), _obj(b={"type": "boolean"})]},
+]
+
+
+def test_200_objects_of_10_schemas_all_validate(llm):
+    """The random model writes whatever the mask lets through: all 200 must validate."""
+    specs = [StructuredOutput(json_schema=json.dumps(s)) for s in TEN_SCHEMAS]
+    params = [SamplingParams(max_tokens=200, seed=i, structured=specs[i % 10]) for i in range(200)]
+    results = llm.generate(["z"] * 200, params)
+    for i, r in enumerate(results):
+        assert r.finish_reason == FinishReason.STOP, (i, r.text)
+        jsonschema.validate(json.loads(r.text), TEN_SCHEMAS[i % 10])
+    assert llm.core.executor.sampler.num_grammars == 0
