@@ -11,6 +11,64 @@ MAX_LOGPROBS = 20
 # the seeds ``torch.Generator.manual_seed`` takes (a negative one is read as its two's
 # complement); one outside overflows in the sampler
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+MAX_GRAMMAR_CHARS = 256 * 1024  # a schema, regex or grammar text longer than this is refused
+MAX_CHOICES = 1024
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on a request's output, enforced by a grammar-guided logits mask.
+
+    Exactly one of: ``json_schema`` (the schema's JSON text, property order kept: it is the
+    order generated), ``json_object`` (any JSON object), ``regex``, ``grammar`` (a Lark
+    grammar as llguidance reads it) or ``choice`` (one of these strings). ``key`` (the kind
+    and its text) is what compiled grammars are cached by.
+
+    ``num_resumed_tokens``: the last that many prompt tokens are output this grammar already
+    produced (a request continued on another worker, ``frontend.migration``); the engine
+    replays them into the grammar before it samples, so the state is that of the
+    uninterrupted run. ``lenient``: unsupported JSON-schema keywords are ignored instead of
+    refused (a non-strict ``json_schema``).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
+    lenient: bool = False
+    num_resumed_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        kinds = [self.json_schema, self.regex, self.grammar, self.choice]
+        num_set = sum(k is not None for k in kinds) + int(self.json_object)
+        _check(num_set == 1, "structured_output", "needs exactly one kind of constraint")
+        texts = [t for t in (self.json_schema, self.regex, self.grammar) if t is not None]
+        texts += list(self.choice or ())
+        _check(
+            sum(map(len, texts)) <= MAX_GRAMMAR_CHARS,
+            "structured_output",
+            f"is longer than {MAX_GRAMMAR_CHARS} characters",
+        )
+        if self.choice is not None:
+            _check(
+                0 < len(self.choice) <= MAX_CHOICES and all(self.choice),
+                "structured_output.choice",
+                f"must hold 1 to {MAX_CHOICES} non-empty strings",
+            )
+        _check(self.num_resumed_tokens >= 0, "structured_output", "resumed tokens must be >= 0")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): equal keys compile to the same grammar."""
+        if self.json_schema is not None:
+            return ("json_schema_lenient" if self.lenient else "json_schema", self.json_schema)
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.grammar is not None:
+            return ("grammar", self.grammar)
+        if self.choice is not None:
+            return ("choice", "\x00".join(self.choice))
+        return ("json_object", "")
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -22,7 +80,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ``logprobs=k`` returns the sampled token's logprob plus the top ``k`` alternatives.
     ``seed`` gives the request its own generator: same seed, same text, whatever the batch;
     it must be in ``[MIN_SEED, MAX_SEED]`` (the frontend seeds choice ``j`` of ``n`` with
-    ``seed + j``, so ``seed + n - 1`` must be too).
+    ``seed + j``, so ``seed + n - 1`` must be too). ``structured`` constrains the output to
+    a JSON schema, regex, grammar or choice (``StructuredOutput``).
     """
 
     n: int = 1
@@ -42,6 +101,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrained decoding (None: free text)
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, "n", "must be at least 1")

@@ -109,6 +109,9 @@ class AsyncEngine:
         rid = request.request_id
         self._check_alive()
         self.core.validate(request)
+        pending = self.core.executor.prepare(request)
+        if pending is not None:  # e.g. a grammar compiling, off the engine thread
+            await asyncio.wrap_future(pending)
         stream = self._register(rid, asyncio.get_running_loop())
         finished = False
         try:

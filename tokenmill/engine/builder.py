@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tokenmill.core.events import KvEventSink, null_sink
 from tokenmill.core.kv_transfer import KvLayout
@@ -95,6 +96,7 @@ def build_real_core(
         itemsize = loaded.dtype.itemsize
         cache = CacheConfig.from_memory_budget(kv_cache_memory, config, itemsize, block_size)
     eos = loaded.tokenizer.eos_token_ids or config.eos_token_ids
+    runner_kwargs.setdefault("grammars", _grammars(loaded.tokenizer, eos))
     runner = ModelRunner(
         loaded.model,
         config,
@@ -118,6 +120,16 @@ def build_real_core(
         connector=connector,
         worker_connector=worker_connector,
     )
+
+
+def _grammars(tokenizer: Any, eos: Any) -> Any:
+    """The structured-output compiler of a real engine (None: a tokenizer without the
+    ``tokenizers`` JSON, so no constrained decoding)."""
+    from tokenmill.engine.structured.grammar import GrammarCompiler
+
+    if not hasattr(tokenizer, "to_json"):
+        return None
+    return GrammarCompiler(tokenizer.to_json(), tokenizer.vocab_size, eos)
 
 
 def build_mock_core(

@@ -113,6 +113,11 @@ class Tokenizer:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON of the pipeline (vocabulary, merges, added tokens): what
+        the grammar library builds its token trie from (``engine/structured``)."""
+        return self._backend.to_str()
+
     def encode(
         self,
         text: str,
@@ -146,17 +151,20 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         parse_special: bool = False,
         max_num_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """The prompt ids of ``messages`` (dicts with ``role`` and ``content``). Special-token
         text inside a ``content`` is tokenized as text, unless ``parse_special``; only the
         template's own markers are special tokens. A prompt without such text gives the ids
-        of ``encode(apply_chat_template(...))``. ``max_num_tokens`` as in ``encode``.
+        of ``encode(apply_chat_template(...))``. ``max_num_tokens`` as in ``encode``;
+        ``tools`` (OpenAI tool dicts) are given to the template as its ``tools``.
 
         How: contents' special-token text is swapped for sentinels, the template rendered,
         the text split at the (template's) special tokens left, and each piece between them
         tokenized as text with its sentinels restored: the pieces are those ``tokenizers``
         itself would tokenize apart, so text around a restored marker merges as usual."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        extra = {} if tools is None else {"tools": tools}
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
         self._check_length(text, max_num_tokens)
         marked = None if parse_special else self._mark_special_text(messages)
         if marked is None:
@@ -164,7 +172,7 @@ class Tokenizer:
         sentinel, originals, marked_messages = marked
         assert self._special_re is not None  # marked only when there are special tokens
         pieces = self._special_re.split(
-            self.apply_chat_template(marked_messages, add_generation_prompt)
+            self.apply_chat_template(marked_messages, add_generation_prompt, **extra)
         )
         ids: list[int] = []
         for i, piece in enumerate(pieces):  # split keeps the specials at odd indices

@@ -43,9 +43,16 @@ from tokenmill.frontend.preprocess import (
 )
 from tokenmill.frontend.request_log import RequestLog, RequestStages
 from tokenmill.frontend.responses import Collector, ResponseMeta, StreamFormatter, Usage, sse
+from tokenmill.frontend.responses_api import (
+    ResponsesCollector,
+    ResponsesStream,
+    prepare_responses,
+    response_fields,
+)
 from tokenmill.frontend.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    ResponsesRequest,
     decode_request,
     unknown_fields,
 )
@@ -92,10 +99,12 @@ class _Kind:
     schema: type
     prepare: Callable[[ServedModel, Any, int | None], Any]  # (model, request, max_tokens_default)
     id_prefix: str
+    responses_api: bool = False  # /v1/responses: its own response shapes and events
 
 
 CHAT = _Kind("chat_completions", True, ChatCompletionRequest, prepare_chat, "chatcmpl-")
 COMPLETION = _Kind("completions", False, CompletionRequest, prepare_completion, "cmpl-")
+RESPONSES = _Kind("responses", True, ResponsesRequest, prepare_responses, "resp-", True)
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -206,12 +215,26 @@ class Frontend:
         stages.instances = [s.instances for s in streams]
         events = merge(streams)
         if prepared.stream:
-            fmt = StreamFormatter(
-                meta, served.token_text, prepared.include_usage, served.token_bytes
+            fmt: Any = (
+                ResponsesStream(meta, response_fields(req))
+                if kind.responses_api
+                else StreamFormatter(
+                    meta,
+                    served.token_text,
+                    prepared.include_usage,
+                    served.token_bytes,
+                    prepared.tools,
+                )
             )
             stages.streaming = True
             return SSEResponse(self._sse_body(events, fmt, usage, len(streams), stages))
-        collector = Collector(meta, served.token_text, len(streams), usage, served.token_bytes)
+        collector: Any = (
+            ResponsesCollector(meta, response_fields(req), usage)
+            if kind.responses_api
+            else Collector(
+                meta, served.token_text, len(streams), usage, served.token_bytes, prepared.tools
+            )
+        )
         try:
             async with cancel_on_disconnect(request.receive):
                 while True:
@@ -262,7 +285,7 @@ class Frontend:
                 stages.error = type(exc).__name__
             finally:
                 await events.aclose()
-            yield last + SSE_DONE
+            yield last + getattr(fmt, "done", SSE_DONE)
             stages.first_write = stages.first_write or time.monotonic()
             sent = True
         finally:
@@ -382,7 +405,11 @@ class FastPathApp:
 
     def __init__(self, app: FastAPI, front: Frontend):
         self.app, self.front, self.state = app, front, app.state
-        self._routes = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
+        self._routes = {
+            "/v1/chat/completions": CHAT,
+            "/v1/completions": COMPLETION,
+            "/v1/responses": RESPONSES,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -431,6 +458,10 @@ def _add_routes(app: FastAPI, front: Frontend) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await front.complete(request, COMPLETION)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await front.complete(request, RESPONSES)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

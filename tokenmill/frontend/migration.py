@@ -6,7 +6,8 @@ stream raises ``InstanceFailedError`` (broken connection, sequence gap, inactivi
 worker shutting down), the failed instance is excluded from routing at once
 (``Dispatcher.instance_failed``) and the request is re-sent to another instance as a
 *continuation*: the same request id, the prompt plus every token generated so far, and
-``max_tokens``/``min_tokens`` reduced by that many. Greedy (and the mocker's position-based)
+``max_tokens``/``min_tokens`` reduced by that many (and a grammar told to replay them).
+Greedy (and the mocker's position-based)
 tokens are therefore exactly those of an uninterrupted run, so the client's text has no gap
 and no duplicate. Counts in the outputs are rewritten to the client's view (original prompt
 length, total output tokens). At most ``limit`` migrations per request; beyond that the
@@ -50,6 +51,9 @@ def continuation(request: EngineRequest, generated: list[int]) -> EngineRequest:
     params = msgspec.structs.replace(
         params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - len(generated))
     )
+    if params.structured is not None:  # the new worker replays them into the grammar
+        structured = msgspec.structs.replace(params.structured, num_resumed_tokens=len(generated))
+        params = msgspec.structs.replace(params, structured=structured)
     prompt = [*request.prompt_token_ids, *generated]
     return msgspec.structs.replace(request, prompt_token_ids=prompt, params=params)
 

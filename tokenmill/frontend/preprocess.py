@@ -10,11 +10,19 @@ tokenized, so a 4 MB body costs microseconds, not seconds of tokenizer time.
 Chat: text in the messages is tokenized as text (a message spelling ``<|im_end|>`` cannot
 end its turn); ``parse_special_tokens: true`` in the request opts in to the former raw
 behaviour, for clients that really send special tokens in content.
+
+Tools: ``tools`` go to a template that renders them; a template that does not gets them in
+a Hermes-style system prompt, and its history's tool calls and tool results as Hermes text
+(``frontend/tool_calls.py``). ``tool_choice`` ``required`` or a named function, and
+``response_format`` / ``guided_*``, become the request's ``StructuredOutput``, validated
+here (a bad schema, regex or grammar is a 400 naming its field).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
@@ -25,14 +33,30 @@ from tokenmill.core.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from tokenmill.core.sampling import MAX_LOGPROBS, SamplingParams
-from tokenmill.frontend.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from tokenmill.core.sampling import MAX_LOGPROBS, SamplingParams, StructuredOutput
+from tokenmill.engine.structured.grammar import check as check_grammar
+from tokenmill.frontend import tool_calls
+from tokenmill.frontend.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    NamedToolChoice,
+    ResponseFormat,
+)
+from tokenmill.frontend.tool_calls import ToolMode
 
 MAX_N = 128
 MAX_PROMPTS = 256
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# not implemented: any value but these (what SDKs send as defaults, no-ops here) is a 400
-UNSUPPORTED_CHAT_FIELDS = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+MAX_TOOLS = 128
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class TokenizerLike(Protocol):
@@ -56,6 +80,7 @@ class TokenizerLike(Protocol):
         add_generation_prompt: bool = True,
         parse_special: bool = False,
         max_num_tokens: int | None = None,
+        tools: Any = None,
     ) -> list[int]:
         """Both raise ``PromptTooLongError`` for a text that provably has more than
         ``max_num_tokens`` tokens, before tokenizing it."""
@@ -69,6 +94,7 @@ class ServedModel:
     tokenizer: TokenizerLike
     context_length: int
     created: int = 0
+    tool_parser: str | None = None  # hermes, llama3, mistral; None: from the chat template
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,7 @@ class PreparedRequest:
     cache_salt: str | None
     priority: int
     router: Any = None  # options.RouterOptions: per-request router knobs / pin
+    tools: ToolMode | None = None  # how the output becomes tool calls (None: plain text)
 
 
 def prepare_chat(
@@ -90,24 +117,39 @@ def prepare_chat(
 ) -> PreparedRequest:
     """``max_tokens_default``: the max_tokens of a request that sets none (capped by what the
     context leaves; None: what the context leaves)."""
-    for name, no_op in UNSUPPORTED_CHAT_FIELDS.items():
-        if getattr(req, name) not in (None, no_op):
-            raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+    tools = _tools(req)
+    mode, tool_spec = _tool_mode(model, req, tools)
+    structured = _structured(req, tool_spec)
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
+    template = getattr(model.tokenizer, "chat_template", None)
+    native = tool_calls.renders_tools(template)
+    if not native:
+        messages = [_as_hermes_text(m) for m in messages]
+    rendered_tools = tools if tools and mode is not None else None
+    if rendered_tools and not native:
+        messages = _with_system_prompt(messages, tool_calls.system_prompt(rendered_tools))
+        rendered_tools = None
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
+    extra = {} if rendered_tools is None else {"tools": rendered_tools}
     try:
         prompt = model.tokenizer.encode_chat(
-            messages, True, bool(req.parse_special_tokens), _prompt_room(model, max_tokens)
+            messages,
+            True,
+            bool(req.parse_special_tokens),
+            _prompt_room(model, max_tokens),
+            **extra,
         )
     except PromptTooLongError as e:
         raise _context_error(model, e.num_tokens_at_least, max_tokens, "messages", True) from None
     num_logprobs = _chat_logprobs(req)
-    params = _params(model, req, [prompt], max_tokens, num_logprobs, "messages", max_tokens_default)
-    return _prepared(req, [prompt], params)
+    params = _params(
+        model, req, [prompt], max_tokens, num_logprobs, "messages", max_tokens_default, structured
+    )
+    return _prepared(req, [prompt], params, mode)
 
 
 def prepare_completion(
@@ -124,11 +166,14 @@ def prepare_completion(
         prompts = _completion_prompts(model, req.prompt, _prompt_room(model, max_tokens))
     except PromptTooLongError as e:
         raise _context_error(model, e.num_tokens_at_least, max_tokens, "prompt", True) from None
-    params = _params(model, req, prompts, max_tokens, req.logprobs, "prompt")
+    structured = _structured(req, None)
+    params = _params(model, req, prompts, max_tokens, req.logprobs, "prompt", None, structured)
     return _prepared(req, prompts, params)
 
 
-def _prepared(req: Any, prompts: list[list[int]], params: SamplingParams) -> PreparedRequest:
+def _prepared(
+    req: Any, prompts: list[list[int]], params: SamplingParams, tools: ToolMode | None = None
+) -> PreparedRequest:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return PreparedRequest(
         prompts,
@@ -139,17 +184,80 @@ def _prepared(req: Any, prompts: list[list[int]], params: SamplingParams) -> Pre
         req.cache_salt,
         req.priority or 0,
         req.router,
+        tools,
     )
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """The template's dict of one message: ``role``, ``content`` (text), and an assistant's
+    ``tool_calls`` (arguments parsed into objects, as templates expect) or a tool result's
+    ``tool_call_id``. A null content is a 400, except an assistant's with tool calls."""
     role = ROLES.get(message.role)
     if role is None:
         raise InvalidRequestError(
             f"messages[{index}].role {message.role!r} is not one of {sorted(ROLES)}",
             param=f"messages[{index}].role",
         )
-    return {"role": role, "content": _content(message.content, index)}
+    out: dict[str, Any] = {"role": role}
+    if message.content is None and not (role == "assistant" and message.tool_calls):
+        raise InvalidRequestError(
+            f"messages[{index}].content must not be null for a {message.role} message",
+            param=f"messages[{index}].content",
+        )
+    out["content"] = _content(message.content, index)
+    if message.tool_calls:
+        if role != "assistant":
+            raise InvalidRequestError(
+                f"messages[{index}].tool_calls: only assistant messages have tool calls",
+                param=f"messages[{index}].tool_calls",
+            )
+        out["tool_calls"] = [_history_call(c, index, j) for j, c in enumerate(message.tool_calls)]
+    if role == "tool":
+        if not message.tool_call_id:
+            raise InvalidRequestError(
+                f"messages[{index}].tool_call_id is required for a tool message",
+                param=f"messages[{index}].tool_call_id",
+            )
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def _history_call(call: Any, index: int, j: int) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        raise InvalidRequestError(
+            f"messages[{index}].tool_calls[{j}].function.arguments is not JSON",
+            param=f"messages[{index}].tool_calls[{j}].function.arguments",
+        ) from None
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id or "", "type": "function", "function": function}
+
+
+def _as_hermes_text(message: dict[str, Any]) -> dict[str, Any]:
+    """A tool call or tool result as Hermes text, for templates that know neither."""
+    if message["role"] == "tool":
+        return {
+            "role": "user",
+            "content": f"<tool_response>\n{message['content']}\n</tool_response>",
+        }
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    texts = [message["content"]] if message["content"] else []
+    for c in calls:
+        body = json.dumps(c["function"], ensure_ascii=False)
+        texts.append(f"<tool_call>\n{body}\n</tool_call>")
+    return {"role": "assistant", "content": "\n".join(texts)}
+
+
+def _with_system_prompt(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
 
 
 def _content(content: Any, index: int) -> str:
@@ -160,7 +268,7 @@ def _content(content: Any, index: int) -> str:
         if part.type != "text":
             raise InvalidRequestError(
                 f"messages[{index}].content: only text parts are supported, got {part.type!r}",
-                param=f"messages[{index}].content",
+                param=f"messages[{index}].content[{j}].type",
             )
         if part.text is None:
             raise InvalidRequestError(
@@ -169,6 +277,150 @@ def _content(content: Any, index: int) -> str:
             )
         texts.append(part.text)
     return "\n".join(texts)
+
+
+# -- tools and structured output -------------------------------------------------------------
+
+
+def _tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The request's tools as OpenAI dicts (None for none); each a named function."""
+    if not req.tools:
+        return None
+    if len(req.tools) > MAX_TOOLS:
+        raise InvalidRequestError(f"at most {MAX_TOOLS} tools", param="tools")
+    out, names = [], set()
+    for i, tool in enumerate(req.tools):
+        if tool.type != "function":
+            raise InvalidRequestError(
+                f"tools[{i}]: only function tools are supported, got type {tool.type!r}",
+                param=f"tools[{i}].type",
+            )
+        if tool.function is None:
+            raise InvalidRequestError(f"tools[{i}] needs a function", param=f"tools[{i}].function")
+        fn = tool.function
+        if not _FUNCTION_NAME.fullmatch(fn.name) or fn.name in names:
+            raise InvalidRequestError(
+                f"tools[{i}].function.name {fn.name!r} must be 1-64 letters, digits, '_', "
+                "'-' or '.', and unique",
+                param=f"tools[{i}].function.name",
+            )
+        names.add(fn.name)
+        function: dict[str, Any] = {"name": fn.name}
+        if fn.description is not None:
+            function["description"] = fn.description
+        if fn.parameters is not None:
+            if fn.parameters.get("type", "object") != "object":
+                raise InvalidRequestError(
+                    f"tools[{i}].function.parameters must be an object schema",
+                    param=f"tools[{i}].function.parameters",
+                )
+            function["parameters"] = fn.parameters
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_mode(
+    model: ServedModel, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None
+) -> tuple[ToolMode | None, StructuredOutput | None]:
+    """(how the output becomes tool calls, the constraint that enforces them)."""
+    choice = req.tool_choice
+    if not tools:
+        if choice in (None, "none"):
+            return None, None
+        raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+    if choice is None or choice == "auto":
+        parser = model.tool_parser or tool_calls.detect_parser(model.tokenizer.chat_template)
+        return ToolMode("parse", parser), None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        parallel = req.parallel_tool_calls is not False
+        schema = tool_calls.required_schema(tools, parallel)
+        return ToolMode("required"), _schema_spec(schema, strict=False)
+    if isinstance(choice, NamedToolChoice) and choice.type == "function":
+        name = choice.function.name if choice.function is not None else choice.name
+        tool = next((t for t in tools if t["function"]["name"] == name), None)
+        if tool is None:
+            raise InvalidRequestError(
+                f"tool_choice names the function {name!r}, which is not in tools",
+                param="tool_choice.function.name",
+            )
+        schema = tool_calls.parameters_schema(tool)
+        return ToolMode("named", name=name), _schema_spec(schema, strict=False)
+    raise InvalidRequestError(
+        "tool_choice must be 'none', 'auto', 'required' or "
+        '{"type": "function", "function": {"name": ...}}',
+        param="tool_choice",
+    )
+
+
+def _schema_spec(schema: Any, strict: bool) -> StructuredOutput:
+    text = schema if isinstance(schema, str) else msgspec.json.encode(schema).decode()
+    return StructuredOutput(json_schema=text, lenient=not strict)
+
+
+def _structured(req: Any, tool_spec: StructuredOutput | None) -> StructuredOutput | None:
+    """The one constraint of ``req`` (response_format, a guided_* field or the tool choice),
+    validated; two at once is a 400 naming the second."""
+    found: list[tuple[str, StructuredOutput]] = []
+    if tool_spec is not None:
+        found.append(("tool_choice", tool_spec))
+    rf = _response_format(req.response_format)
+    if rf is not None:
+        found.append(rf)
+    for name in _GUIDED:
+        value = getattr(req, name, None)
+        if value is not None:
+            found.append((name, _guided(name, value)))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidRequestError(
+            f"{found[1][0]} cannot be combined with {found[0][0]}: one constraint per request",
+            param=found[1][0],
+        )
+    param, spec = found[0]
+    if param != "tool_choice":
+        check_grammar(spec, param)
+    else:
+        check_grammar(spec, "tools")  # a tool's parameters schema the grammar refuses
+    return spec
+
+
+def _response_format(rf: ResponseFormat | None) -> tuple[str, StructuredOutput] | None:
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return "response_format", StructuredOutput(json_object=True)
+    if rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema is None:
+            raise InvalidRequestError(
+                "response_format json_schema needs json_schema.schema",
+                param="response_format.json_schema.schema",
+            )
+        spec = _schema_spec(rf.json_schema.schema, bool(rf.json_schema.strict))
+        return "response_format.json_schema.schema", spec
+    raise InvalidRequestError(
+        f"response_format.type {rf.type!r} is not one of 'text', 'json_object', 'json_schema'",
+        param="response_format.type",
+    )
+
+
+def _guided(name: str, value: Any) -> StructuredOutput:
+    try:
+        if name == "guided_json":
+            if isinstance(value, str):
+                msgspec.json.decode(value)  # must be JSON
+            return _schema_spec(value, strict=False)
+        if name == "guided_regex":
+            return StructuredOutput(regex=value)
+        if name == "guided_choice":
+            return StructuredOutput(choice=tuple(value))
+        return StructuredOutput(grammar=value)
+    except msgspec.DecodeError:
+        raise InvalidRequestError(f"{name} is not JSON", param=name) from None
+    except InvalidRequestError as e:
+        raise InvalidRequestError(str(e), param=name) from None
 
 
 def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -280,6 +532,7 @@ def _params(
     num_logprobs: int | None,
     prompt_param: str,
     max_tokens_default: int | None = None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
@@ -306,6 +559,7 @@ def _params(
         logprobs=num_logprobs,
         logit_bias=_logit_bias(model, req.logit_bias),
         skip_special_tokens=req.skip_special_tokens is not False,
+        structured=structured,
     )
 
 

@@ -1,6 +1,8 @@
 """OpenAI response shapes for chat and text completions, streaming chunks and whole
 responses, built from ``ChoiceEvent``s. Plain dicts encoded with msgspec (exact key order as
-OpenAI's, ``null`` where OpenAI sends null).
+OpenAI's, ``null`` where OpenAI sends null). A chat request with tools (``ToolMode``) has
+its text read by a ``ToolCallStream``: content and ``tool_calls`` (deltas when streaming),
+finish reason ``tool_calls`` when the model called one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import msgspec
 
 from tokenmill.core.request import TokenLogprob
 from tokenmill.frontend.serving import ChoiceEvent
+from tokenmill.frontend.tool_calls import ToolCallStream, ToolMode, merge_deltas
 
 TokenText = Callable[[int], str]
 # a token's raw bytes (``Tokenizer.token_bytes``): a token may be half of a UTF-8 character,
@@ -109,9 +112,11 @@ class StreamFormatter:
         token_text: TokenText,
         include_usage: bool,
         token_bytes: TokenBytes = None,
+        tools: ToolMode | None = None,
     ):
         self.meta, self.token_text, self.include_usage = meta, token_text, include_usage
-        self.token_bytes = token_bytes
+        self.token_bytes, self.tools = token_bytes, tools
+        self._tool_streams: dict[int, ToolCallStream] = {}
         self._started: set[int] = set()
         self._object = "chat.completion.chunk" if meta.chat else "text_completion"
         # b'{"id":...,"choices":[]}' (or ...[],"usage":null}) cut after the '['
@@ -122,6 +127,9 @@ class StreamFormatter:
     def chunks(self, events: list[ChoiceEvent]) -> bytes:
         """The frames of ``events``, concatenated."""
         head, tail = self._head, self._tail
+        if self.tools is not None:
+            frames = (self._tool_choice(e) for e in events)
+            return b"".join([head + f + tail for f in frames if f])
         return b"".join([head + self._choice(e) + tail for e in events])
 
     def usage_chunk(self, usage: Usage) -> bytes:
@@ -145,6 +153,35 @@ class StreamFormatter:
             return index + b'"delta":{"content":' + text + b"}" + rest
         self._started.add(event.index)
         return index + b'"delta":{"role":"assistant","content":' + text + b"}" + rest
+
+    def _tool_choice(self, event: ChoiceEvent) -> bytes:
+        """The choice of a chat chunk with tools: content and tool-call deltas (b"" when
+        this event brought neither: its text is held back)."""
+        assert self.tools is not None
+        stream = self._tool_streams.get(event.index)
+        if stream is None:
+            stream = self._tool_streams[event.index] = ToolCallStream(self.tools)
+        content, calls = stream.push(event.text)
+        if event.finish_reason is not None:
+            more, rest = stream.finish()
+            content, calls = content + more, calls + rest
+        finish = event.finish_reason
+        if finish == "stop" and stream.num_calls:
+            finish = "tool_calls"
+        if not content and not calls and finish is None and not event.logprobs:
+            return b""
+        delta: dict[str, Any] = {}
+        if event.index not in self._started:
+            self._started.add(event.index)
+            delta["role"] = "assistant"
+        if content or not calls:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        lp = self._logprobs(event) if event.logprobs else None
+        return _encode(
+            {"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        )
 
     def _logprobs(self, event: ChoiceEvent) -> dict[str, Any]:
         assert event.logprobs
@@ -175,9 +212,10 @@ class Collector:
         num_choices: int,
         usage: Usage,
         token_bytes: TokenBytes = None,
+        tools: ToolMode | None = None,
     ):
         self.meta, self.token_text, self.usage = meta, token_text, usage
-        self.token_bytes = token_bytes
+        self.token_bytes, self.tools = token_bytes, tools
         self._texts: list[list[str]] = [[] for _ in range(num_choices)]
         self._logprobs: list[list[TokenLogprob] | None] = [None] * num_choices
         self._finish: list[str | None] = [None] * num_choices
@@ -207,12 +245,22 @@ class Collector:
         text, items = "".join(self._texts[i]), self._logprobs[i]
         if self.meta.chat:
             lp = None if items is None else chat_logprobs(items, self.token_text, self.token_bytes)
-            message = {"role": "assistant", "content": text}
-            return {
-                "index": i,
-                "message": message,
-                "logprobs": lp,
-                "finish_reason": self._finish[i],
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish = self._finish[i]
+            if self.tools is not None:
+                message, finish = self._tool_message(text, finish)
+            return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
         lp = completion_logprobs(items, self.token_text) if items is not None else None
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": self._finish[i]}
+
+    def _tool_message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        assert self.tools is not None
+        stream = ToolCallStream(self.tools)
+        content, deltas = stream.push(text)
+        more, rest = stream.finish()
+        content, calls = content + more, merge_deltas(deltas + rest)
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        text = content if content.strip() else None  # None: only the newlines around calls
+        message = {"role": "assistant", "content": text, "tool_calls": calls}
+        return message, "tool_calls" if finish == "stop" else finish

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,13 @@ class Executor(abc.ABC):
     def on_wake(self) -> None:  # noqa: B027 - optional hook
         """Called in the engine loop's thread when it resumes after waiting for work (the
         engine was idle), before the step that follows (the mocker's pacing uses it)."""
+
+    def prepare(self, request: Any) -> Future[None] | None:
+        """Work a request needs before its first step, started off the engine thread (its
+        grammar compiled: ``engine/structured``); the caller awaits the future (it fails with
+        the request's error) before adding the request. None: nothing to wait for (the
+        default; the mocker ignores structured output)."""
+        return None
 
     def release(self, request_ids: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """Forget per-request state of finished requests (no-op by default)."""

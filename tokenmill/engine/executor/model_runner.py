@@ -17,14 +17,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill.core.errors import InvalidRequestError
 from tokenmill.core.sampling import SamplingParams
 from tokenmill.engine.executor.base import Executor, ExecutorOutput
 from tokenmill.engine.executor.paged_attention import PagedAttention
 from tokenmill.engine.executor.sampler import Sampler, SamplingRow
+
+if TYPE_CHECKING:
+    from tokenmill.engine.structured.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class ModelRunner(Executor):
         batched_decode: bool = True,
         decode_group_size: int = 8,
         num_threads: int | None = None,
+        grammars: GrammarCompiler | None = None,
     ):
         self.model = model
         self.device = torch.device(device)
@@ -76,7 +83,7 @@ class ModelRunner(Executor):
             decode_group_size=decode_group_size,
         )
         self.num_threads = num_threads
-        self.sampler = Sampler(eos_token_ids, self.device)
+        self.sampler = Sampler(eos_token_ids, self.device, grammars)
 
     def on_thread_start(self) -> None:
         """Torch intra-op threads for the machine (all cores unless ``num_threads`` is set)."""
@@ -88,12 +95,26 @@ class ModelRunner(Executor):
         self.kv_connector = connector
         connector.register_kv_caches(self.attn.k_cache, self.attn.v_cache)
 
+    def prepare(self, request) -> Future[None] | None:
+        """Compiles a constrained request's grammar in the compiler's thread (cached)."""
+        spec = request.params.structured
+        if spec is None:
+            return None
+        if self.sampler.grammars is None:
+            raise InvalidRequestError(
+                "structured output needs the model's tokenizer in this engine",
+                param="response_format",
+            )
+        return self.sampler.grammars.prepare(spec)
+
     def release(self, request_ids: Iterable[str]) -> None:
         self.sampler.release(request_ids)
 
     def shutdown(self) -> None:
         self.kv_connector.shutdown()
         self.attn.free()
+        if self.sampler.grammars is not None:
+            self.sampler.grammars.shutdown()
 
     def execute(self, scheduler_output) -> ExecutorOutput:
         self.release(scheduler_output.finished_request_ids)
