@@ -200,3 +200,37 @@ def test_agreement_passes_and_refuses(ours):
     if ours.chat_template is not None:
         with pytest.raises(ModelLoadError, match="chat prompts"):
             check_agreement(ours, FakeHf(ours, shift_chat=True), eos, "m")
+
+
+# ------------------------------------------------------------------ flags
+
+
+def test_vllm_args_flag_round_trips_through_worker_argv():
+    from tokenmill.launch.cli import build_parser
+    from tokenmill.launch.specs import VLLM_DEFAULTS, EngineSpec
+
+    argv = ["worker", "--nats", "nats://x", "--engine", "vllm"]
+    argv += ["--vllm-args", "--enforce-eager --swap-space '1'"]
+    spec = EngineSpec.from_args(build_parser().parse_args(argv))
+    assert spec.vllm_args == ("--enforce-eager", "--swap-space", "1")
+    assert spec.settings == VLLM_DEFAULTS and spec.settings.block_size == 32
+    again = build_parser().parse_args(["worker", "--nats", "nats://x", *spec.argv()])
+    assert EngineSpec.from_args(again) == spec
+
+
+def test_engine_vllm_without_vllm_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from tokenmill.launch.engines import build_engine
+    from tokenmill.launch.specs import VLLM_DEFAULTS, EngineSpec
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    with pytest.raises(ModelLoadError, match=r"pip install 'tokenmill\[vllm\]'"):
+        build_engine(EngineSpec(kind="vllm", settings=VLLM_DEFAULTS))
