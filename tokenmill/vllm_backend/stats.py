@@ -66,7 +66,7 @@ def stat_logger_factory(stats: VllmStats) -> Any:
     """A vLLM ``StatLoggerFactory`` whose loggers record into ``stats`` (imports vLLM)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class _Logger(StatLoggerBase):
+    class _Logger(StatLoggerBase):  # type: ignore[misc]
         def __init__(self, vllm_config: Any, engine_index: int = 0):
             self.stats = stats
 
