@@ -9,7 +9,8 @@ venv) and two ``tokenmill frontend``s over them, one ``--router-mode kv``, one
 ``round-robin``. The shared-prefix workload (``tokenmill bench serve --format
 synthetic-prefix``, AIBrix-style: ``--groups`` prefixes of ``--prefix-tokens`` tokens, a
 unique suffix each) runs against them in turns (kv, rr, kv, rr, ...), each round with a new
-``--seed`` (new prefixes: a round never profits from the last one's cache). Then worker B is
+``--seed``; before every run both engines' prefix caches are filled with unique filler
+prompts, so no run profits from the one before (same prompts, cold caches). Then worker B is
 stopped and the light workload (``overhead``) runs through the kv frontend to worker A alone.
 
 Phase 2 (vLLM alone): two ``vllm serve`` replicas with the same engine settings; the
@@ -54,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks/results/vllm_backend.json"
 MODEL = "smollm2"
 BLOCK = 32
+FLUSH_TOKENS = 1024
 CONTEXT = 4096  # within the small KV pools (vLLM refuses a context its pool cannot hold)
 CHECK_PROMPTS = [
     "What is the capital of France?",
@@ -249,6 +251,18 @@ def bench(url: str, outdir: Path, seed: int, args, light: bool = False) -> dict:
     return json.loads((outdir / "results.json").read_text())["summary"]
 
 
+def flush_caches(url: str, num_engines: int, args) -> None:
+    """Fills every engine's prefix cache with unique filler prompts (through ``url``, which
+    spreads requests round-robin) so a run never profits from the previous one's cache."""
+    per_engine = args.kv_blocks * BLOCK // FLUSH_TOKENS + 2
+    with httpx.Client(timeout=600) as client:
+        for i in range(per_engine * num_engines):
+            base = 100 + (hash(("flush", time.monotonic_ns(), i)) % 40_000)
+            prompt = [base + (j * 13) % 8000 for j in range(FLUSH_TOKENS)]
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+            client.post(url + "/v1/completions", json=body).raise_for_status()
+
+
 def measured(url: str, procs: list[Proc], outdir: Path, seed: int, args, light=False) -> dict:
     """``bench`` plus the CPU seconds the serving processes spent, and the load average."""
     load = os.getloadavg()[0]
@@ -374,6 +388,7 @@ def phase_tokenmill(args, mdir: Path, logdir: Path, result: dict) -> None:
         for r in range(args.rounds):
             seed = 1000 + r
             for label, base, front in (("kv2", kv_base, kv_proc), ("rr2", rr_base, rr_proc)):
+                flush_caches(rr_base, 2, args)
                 serving = [front, *workers]
                 runs[f"tokenmill_{label}"].append(
                     measured(base, serving, logdir / f"tm-{label}-{r}", seed, args)
@@ -427,8 +442,10 @@ def phase_vllm(args, mdir: Path, logdir: Path, result: dict) -> None:
         both = [proxy, *(p for _, p in servers)]
         for r in range(args.rounds):
             seed = 1000 + r
+            flush_caches(proxy_base, 2, args)
             runs["vllm_rr2"].append(measured(proxy_base, both, logdir / f"v-rr2-{r}", seed, args))
             print("vllm rr2", r, runs["vllm_rr2"][-1], flush=True)
+            flush_caches(a_base, 1, args)
             runs["vllm1"].append(measured(a_base, [a_proc], logdir / f"v-1-{r}", seed, args))
             print("vllm1", r, runs["vllm1"][-1], flush=True)
         for r in range(args.rounds):
