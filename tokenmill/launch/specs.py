@@ -10,6 +10,7 @@ anchor), so a live mocker fleet and an offline replay simulate the same engine.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,14 @@ class EngineSettings:
 
 MOCKER_DEFAULTS = EngineSettings(64, 16_384, 8_192, 256, 0.01)
 REAL_DEFAULTS = EngineSettings(16, None, 2_048, 256, 0.0)
-ENGINE_DEFAULTS = {"mocker": MOCKER_DEFAULTS, "real": REAL_DEFAULTS, "echo": REAL_DEFAULTS}
+# vLLM's CPU attention takes blocks in multiples of 32; prefix caching needs no watermark
+VLLM_DEFAULTS = EngineSettings(32, None, 2_048, 256, 0.0)
+ENGINE_DEFAULTS = {
+    "mocker": MOCKER_DEFAULTS,
+    "real": REAL_DEFAULTS,
+    "echo": REAL_DEFAULTS,
+    "vllm": VLLM_DEFAULTS,
+}
 SETTING_FLAGS = tuple(f.name for f in dataclasses.fields(EngineSettings))
 
 
@@ -94,6 +102,7 @@ class EngineSpec:
     role: str = "both"  # prefill / decode: the engine gets the NIXL KV connector
     kv_transfer_timeout_s: float = 30.0  # held blocks' lease; a READ's deadline
     kv_tiers: KvTierSpec = KvTierSpec()
+    vllm_args: tuple[str, ...] = ()  # ``--vllm-args``: vLLM engine flags (engine ``vllm``)
 
     @classmethod
     def from_args(cls, args: Namespace) -> EngineSpec:
@@ -111,6 +120,7 @@ class EngineSpec:
             role=getattr(args, "role", "both"),
             kv_transfer_timeout_s=getattr(args, "kv_transfer_timeout_s", 30.0),
             kv_tiers=KvTierSpec.from_args(args),
+            vllm_args=tuple(shlex.split(getattr(args, "vllm_args", None) or "")),
         )
 
     @property
@@ -145,6 +155,8 @@ class EngineSpec:
         )
         argv += [str(x) for flag, value in optional if value is not None for x in (flag, value)]
         argv += self.kv_tiers.argv()
+        if self.vllm_args:
+            argv += ["--vllm-args", shlex.join(self.vllm_args)]
         defaults = ENGINE_DEFAULTS[self.kind]
         for name in SETTING_FLAGS:
             value = getattr(self.settings, name)
