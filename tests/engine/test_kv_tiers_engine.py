@@ -177,4 +177,3 @@ def test_abort_while_loading_holds_the_blocks_until_the_load_ends(loaded, tmp_pa
     assert core.scheduler.kv.num_used_blocks == 0 and not core.has_unfinished_requests()
     assert tiers.connector.placement.bytes_in_flight == 0
     tiers.io.close()
-

@@ -155,4 +155,3 @@ class Profiler:
             prefill=prefill,
             decode=decode,
         )
-

@@ -39,11 +39,10 @@ def serve_planned(
 ) -> int:
     import dataclasses
 
+    from tokenmill.core.errors import TokenmillError
     from tokenmill.core.timing_profile import TimingProfile
     from tokenmill.planner.planner import Planner
     from tokenmill.runtime.nats_server import NatsServer
-
-    from tokenmill.core.errors import TokenmillError
 
     if spec.mode == "sla" and not spec.profile:
         raise TokenmillError("serve --planner sla needs --planner-profile (tokenmill profile)")
