@@ -160,14 +160,16 @@ def main() -> None:
             f"round {r}: " + ", ".join(f"{n} {1000 * v[-1]:.0f} ms" for n, v in round_ttft.items()),
             flush=True,
         )
-    report(args, engines, num_blocks, working_set, identical, round_ttft)
+        report(args, engines, num_blocks, working_set, identical, round_ttft, r + 1)  # so far
+    for e in engines:
+        e.core.executor.shutdown()
 
 
 def p99(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]
 
 
-def report(args, engines, num_blocks, working_set, identical, round_ttft) -> None:  # noqa: ANN001
+def report(args, engines, num_blocks, working_set, identical, round_ttft, rounds_done) -> None:  # noqa: ANN001
     rows = {}
     for e in engines:
         later = e.ttft[args.users :]  # rounds after the first (cold for all)
@@ -202,6 +204,7 @@ def report(args, engines, num_blocks, working_set, identical, round_ttft) -> Non
                 "threads",
             )
         },
+        "rounds_done": rounds_done,
         "device_blocks": num_blocks,
         "working_set_tokens": working_set,
         "greedy_text_identical": identical,
@@ -217,9 +220,7 @@ def report(args, engines, num_blocks, working_set, identical, round_ttft) -> Non
         json.dumps({k: result[k] for k in ("greedy_text_identical", "ttft_mean_speedup_vs_none")})
     )
     keys = ("ttft_mean_ms", "ttft_p99_ms", "ttft_mean_ms_after_round_0", "prompt_tokens_computed")
-    print(json.dumps({n: {k: r[k] for k in keys} for n, r in rows.items()}))
-    for e in engines:
-        e.core.executor.shutdown()
+    print(json.dumps({n: {k: r[k] for k in keys} for n, r in rows.items()}), flush=True)
 
 
 if __name__ == "__main__":
