@@ -13,6 +13,8 @@ from tokenmill.core.errors import (
     InstanceFailedError,
     InternalError,
     InvalidRequestError,
+    KvLayoutMismatchError,
+    KvTransferUnavailableError,
     ModelLoadError,
     NoInstancesError,
     OverloadedError,
@@ -39,6 +41,12 @@ def registered_samples() -> dict[str, Exception]:
         "client_disconnected": ClientDisconnectedError("client closed the connection mid-body"),
         "engine_error": EngineError("request r failed in the engine: RuntimeError: CUDA"),
         "model_load_error": ModelLoadError("/models/x/config.json: unsupported architecture"),
+        "kv_transfer_unavailable": KvTransferUnavailableError(
+            "--role prefill needs NIXL: pip install --no-deps nixl nixl-cu12"
+        ),
+        "kv_layout_mismatch": KvLayoutMismatchError(
+            "KV layout bfloat16/16 differs from the decode pool's float32/16"
+        ),
         "internal_error": InternalError("internal error: ZeroDivisionError"),
     }
 
