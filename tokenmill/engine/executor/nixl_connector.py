@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 NIXL_INSTALL = "pip install --no-deps nixl==1.5.2 nixl-cu12==1.5.1"
 _DONE, _ABORT = b"done:", b"abort:"
+MAX_REPORTS = 4096  # load reports kept for requests' first outputs (aborted ones never ask)
 
 
 def load_nixl() -> tuple[Any, Any]:
@@ -234,6 +235,8 @@ class NixlWorkerConnector(WorkerConnector):
                     finished.append(rid)
                     self.stats.num_loads += 1
                     self.stats.bytes += read.num_bytes
+                    if len(self._reports) >= MAX_REPORTS:  # first outputs that never came
+                        self._reports.pop(next(iter(self._reports)))
                     self._reports[rid] = KvTransferReport(
                         read.num_bytes, now - read.started, len(read.load.block_ids)
                     )
