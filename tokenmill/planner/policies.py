@@ -90,13 +90,7 @@ class _Tail:
         self.ttft = self.itl = cfg.initial_tail
 
     def update(self, perf: PerfModel, pool: str, obs: PoolObservation) -> None:
-        """Learns only in a steady state: with a backlog (requests queued, or more prompt
-        tokens waiting than a step per worker takes) latency is the backlog's, which the
-        backlog term sizes for; learning it too would count it twice."""
         if obs.num_up == 0 or obs.num_requests == 0:
-            return
-        chunk = perf.profile.max_num_batched_tokens
-        if obs.router_queue or obs.waiting_prefill_tokens > chunk * obs.num_up:
             return
         now = Demand(obs.request_rate, obs.mean_isl, obs.mean_osl, obs.prefix_hit)
         pred = perf.latency(obs.num_up, now, pool)
