@@ -51,7 +51,17 @@ def translate(translator, *events):
 
 def test_every_sampling_field_has_a_fate():
     fields = set(SamplingParams.__struct_fields__)
-    assert fields == sampling.MAPPED | sampling.ABOVE_ENGINE
+    assert fields == sampling.MAPPED | sampling.ABOVE_ENGINE | sampling.REFUSED
+
+
+def test_structured_output_is_refused_naming_the_field():
+    from tokenmill.core.errors import InvalidRequestError
+    from tokenmill.core.sampling import StructuredOutput
+
+    params = SamplingParams(structured=StructuredOutput(json_object=True))
+    with pytest.raises(InvalidRequestError) as err:
+        sampling.vllm_sampling_kwargs(params, 16)
+    assert err.value.param == "structured"
 
 
 def test_sampling_mapping_values():

@@ -8,7 +8,10 @@
   ``n`` requests before the engine; a request reaching the engine with ``n > 1`` is an
   error).
 
-A field in neither set (a new one added to ``SamplingParams``) raises
+- ``REFUSED``: not mapped yet, refused with ``InvalidRequestError`` when set: ``structured``
+  (our llguidance grammar; vLLM's own structured outputs could take it in a later change).
+
+A field in none of the sets (a new one added to ``SamplingParams``) raises
 ``InvalidRequestError`` naming it when a request sets it to anything but its default: never
 silently dropped. Pure: no vLLM import; ``builder`` builds vLLM's struct from the kwargs.
 """
@@ -39,6 +42,7 @@ MAPPED = frozenset(
     }
 )
 ABOVE_ENGINE = frozenset({"stop", "skip_special_tokens", "n"})
+REFUSED = frozenset({"structured"})
 _DEFAULTS = SamplingParams()
 _U64 = 2**64
 
