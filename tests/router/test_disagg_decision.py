@@ -56,3 +56,21 @@ def test_config_rejects_negative_thresholds():
         DisaggConfig(min_remote_prefill_tokens=-1)
     with pytest.raises(ValueError, match="max_prefill_queue_tokens"):
         DisaggConfig(max_prefill_queue_tokens=-1)
+
+
+def test_interference_guard_sends_would_be_local_prefills_remote_on_busy_decoders():
+    from tokenmill.router.disagg import DecodeLoad
+
+    cfg = DisaggConfig(mode=DisaggMode.AUTO, max_local_decodes=2)
+    pool = PrefillPool(num_workers=2, min_waiting_prefill_tokens=0)
+    busy, calm = DecodeLoad(num_decoding=3), DecodeLoad(num_decoding=2)
+    assert decide(cfg, 1000, 800, pool, busy).reason is Reason.DECODE_BUSY  # short, but busy
+    assert decide(cfg, 1000, 800, pool, busy).remote
+    assert decide(cfg, 1000, 800, pool, calm).reason is Reason.SHORT_PREFILL
+    assert decide(cfg, 1000, 800, pool).reason is Reason.SHORT_PREFILL  # no load: no guard
+    full = PrefillPool(num_workers=2, min_waiting_prefill_tokens=10**6)
+    assert decide(cfg, 9000, 0, full, busy).reason is Reason.DECODE_BUSY
+    assert decide(cfg, 9000, 0, full, calm).reason is Reason.PREFILL_SATURATED
+    assert decide(cfg, 1000, 1000, pool, busy).reason is Reason.SHORT_PREFILL  # nothing to do
+    with pytest.raises(ValueError):
+        DisaggConfig(max_local_decodes=-1)

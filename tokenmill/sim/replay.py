@@ -79,7 +79,7 @@ from tokenmill.engine.mocker import (
     decode_run_length,
 )
 from tokenmill.kv.connector import NULL_CONNECTOR, KvLoad, SchedulerConnector
-from tokenmill.router.disagg import DisaggConfig, PrefillPool, Reason, decide
+from tokenmill.router.disagg import DecodeLoad, DisaggConfig, PrefillPool, Reason, decide
 from tokenmill.router.policy import PolicyConfig
 from tokenmill.router.router import KvRouter, Queued, Routed, RouterConfig
 from tokenmill.sim.report import GapStats, RequestRecord, build_report, disagg_report
@@ -139,12 +139,17 @@ class ReplayConfig:
     control: str = "tokenmill"
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    # prefill workers' queue: "fcfs", or "spf" (shortest prefill first: fewest tokens left
+    # after the prefill worker's prefix hit, then arrival; the engine's "priority" policy)
+    prefill_order: str = "fcfs"
     prefill_router: RouterConfig | None = None  # None: ``router`` (dynamo: its prefill router)
     decode_router: RouterConfig | None = None  # None: ``router`` (dynamo: its decode router)
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}")
+        if self.prefill_order not in ("fcfs", "spf"):
+            raise ValueError("prefill_order must be 'fcfs' or 'spf'")
         if min(self.num_prefill_workers, self.num_decode_workers, self.num_workers) < 0:
             raise ValueError("worker counts must be >= 0")
         if self.split and self.num_decode_workers == 0:
@@ -204,6 +209,7 @@ class SimWorker:
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             enable_prefix_caching=cfg.enable_prefix_caching,
             watermark=cfg.watermark,
+            policy="priority" if role is Role.PREFILL and cfg.prefill_order == "spf" else "fcfs",
         )
         cache_cfg = CacheConfig(block_size=cfg.block_size, num_blocks=cfg.num_blocks)
         self.core = build_mock_core(
@@ -343,7 +349,8 @@ class Replay:
         connectors = None
         if role is Role.DECODE:
             size = self.cfg.block_size
-            sync = self.cfg.control == "dynamo"  # its hand-off comes after the transfer
+            # dynamo: its hand-off comes after the transfer; no transfer model: 0 ms loads
+            sync = self.cfg.control == "dynamo" or not self.cfg.transfer.modelled
             on_load = None if sync else (lambda load, w=wid: self._load_started(w, load))
             clock_ms = lambda: self.now  # noqa: E731
             connectors = (MockPdConnector(size, sync), MockWorkerConnector(size, clock_ms, on_load))
@@ -461,7 +468,7 @@ class Replay:
         if not self.cfg.split:
             self._dispatch(decision.worker_id, prompt, rec)
         elif self.cfg.control == "dynamo":
-            self._dispatch_prefill(decision.worker_id, prompt, rec)
+            self._dispatch_prefill(decision, prompt, rec)
         else:
             self._decide(decision, prompt, rec)
 
@@ -471,7 +478,9 @@ class Replay:
         rec.worker = decision.worker_id
         hit = min(decision.overlap_blocks * self.cfg.block_size, len(tokens))
         prefill_pool = self.pools[Role.PREFILL]
-        d = decide(self.cfg.disagg, len(tokens), hit, prefill_pool.prefill_view())
+        decoding = self.pools[Role.DECODE].router.active.num_requests(decision.worker_id) - 1
+        load = DecodeLoad(num_decoding=decoding)  # router-side, as live (less this request)
+        d = decide(self.cfg.disagg, len(tokens), hit, prefill_pool.prefill_view(), load)
         rec.reason = d.reason.value
         if not d.remote:
             self._dispatch(decision.worker_id, prompt, rec)
@@ -482,7 +491,7 @@ class Replay:
         placed = prefill_pool.router.route(rec.request_id, hashes, len(tokens))
         if not isinstance(placed, Routed):  # the prefill router never queues (no limit)
             raise RuntimeError(f"prefill pool router returned {placed!r}")
-        self._dispatch_prefill(placed.worker_id, prompt, rec)
+        self._dispatch_prefill(placed, prompt, rec)
 
     def _dispatch(self, worker_id: int, prompt: tuple, rec: RequestRecord) -> None:
         """Serve the whole request on one worker (aggregated, or a local prefill)."""
@@ -491,22 +500,27 @@ class Replay:
         params = SamplingParams(max_tokens=rec.output_length, ignore_eos=True)
         self._add(worker_id, rec.request_id, tokens, params, (hashes, local))
 
-    def _dispatch_prefill(self, worker_id: int, prompt: tuple, rec: RequestRecord) -> None:
+    def _dispatch_prefill(self, placed: Routed, prompt: tuple, rec: RequestRecord) -> None:
         tokens, hashes, local = prompt
-        rec.prefill_worker = worker_id
+        worker_id = rec.prefill_worker = placed.worker_id
         if rec.reason is None:
             rec.reason = Reason.MODE_ALWAYS.value  # dynamo control: every request
         self._prompts[rec.request_id] = prompt
         params = SamplingParams(max_tokens=1, ignore_eos=True)
-        self._add(worker_id, rec.request_id, tokens, params, (hashes, local))
+        new = max(0, len(tokens) - placed.overlap_blocks * self.cfg.block_size)
+        priority = new if self.cfg.prefill_order == "spf" else 0
+        self._add(worker_id, rec.request_id, tokens, params, (hashes, local), priority=priority)
 
-    def _add(self, worker_id: int, rid: str, tokens, params, hashes, transfer=None) -> None:
+    def _add(
+        self, worker_id: int, rid: str, tokens, params, hashes, transfer=None, priority: int = 0
+    ) -> None:
         request = EngineRequest(
             request_id=rid,
             prompt_token_ids=tokens,
             params=params,
             arrival_time=self.now / 1e3,
             kv_transfer_params=transfer,
+            priority=priority,
         )
         worker = self.workers[worker_id]
         worker.core.add_request(request, hashes)
@@ -548,7 +562,14 @@ class Replay:
                 return
         if tokenmill:
             # the decode leg starts now: the decode worker allocates its blocks and waits in
-            # WAITING_FOR_REMOTE_KV while the load runs (``_load_started`` times it)
+            # WAITING_FOR_REMOTE_KV while the load runs (``_load_started`` times it). Without
+            # a transfer model the bytes are there at once: a sync load, the hold ends now.
+            if not self.cfg.transfer.modelled:
+                full = self.cfg.transfer.tokens == "full_prompt"
+                rec.transfer_tokens = rec.input_length if full else rec.transfer_tokens
+                rec.transfer_bytes = self.cfg.transfer.num_bytes(rec.transfer_tokens)
+                rec.transfer_ms = rec.kv_wait_ms = 0.0
+                worker.core.scheduler.release_held_blocks([rid])
             self._dispatch_decode(rec.worker, rec)
             return
         # dynamo: a fixed hand-off delay for the whole prompt, then the decode worker is picked
