@@ -299,7 +299,7 @@ def test_auto_tool_calls_parsed_from_model_text_streaming_and_not(echo):
 
 def test_responses_api_text_stream_usage_and_format(client):
     r = client.responses.create(
-        model="m", input="hello", instructions="be brief", max_output_tokens=8
+        model="m", input="hello", instructions="be brief", max_output_tokens=8, temperature=0
     )
     assert r.object == "response" and r.id.startswith("resp_")
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
@@ -312,7 +312,11 @@ def test_responses_api_text_stream_usage_and_format(client):
     )
     assert r.status == "completed"
     jsonschema.validate(json.loads(r.output_text), SCHEMAS[0])
-    events = list(client.responses.create(model="m", input="hi", max_output_tokens=6, stream=True))
+    events = list(
+        client.responses.create(
+            model="m", input="hi", max_output_tokens=6, temperature=0, stream=True
+        )
+    )
     kinds = [e.type for e in events]
     assert kinds[:4] == [
         "response.created",
