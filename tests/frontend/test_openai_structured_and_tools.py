@@ -308,6 +308,7 @@ def test_responses_api_text_stream_usage_and_format(client):
         model="m",
         input=[{"role": "user", "content": [{"type": "input_text", "text": "json please"}]}],
         max_output_tokens=200,
+        temperature=0,
         text={"format": {"type": "json_schema", "name": "p", "schema": SCHEMAS[0], "strict": True}},
     )
     assert r.status == "completed"
