@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,8 +55,7 @@ def built():
     sink = Sink()
     spec = EngineSpec(kind="vllm", context_length=CONTEXT, dtype="bf16", settings=VLLM_DEFAULTS)
     b = build_engine(spec, sink)
-    b.sink = sink
-    yield b
+    yield SimpleNamespace(engine=b.engine, tokenizer=b.tokenizer, sink=sink)
     b.engine.shutdown()
 
 
