@@ -203,20 +203,9 @@ def _remote_store(settings: TierSettings, block_bytes: int, fingerprint: int) ->
     return RedisStore(str(settings.remote), block_bytes, fingerprint)
 
 
-_DTYPE_NAMES = {
-    "torch.float32": "float32",
-    "torch.bfloat16": "bfloat16",
-    "torch.float16": "float16",
-}
-
-
 def layout_of(loaded: Any, block_size: int) -> KvLayout:
-    """The KV layout of a ``LoadedModel``'s cache with blocks of ``block_size`` tokens."""
-    config = loaded.config
-    return KvLayout(
-        dtype=_DTYPE_NAMES[str(loaded.dtype)],
-        block_size=block_size,
-        num_layers=config.num_layers,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-    )
+    """The KV layout of a ``LoadedModel``'s cache with blocks of ``block_size`` tokens (the
+    builder's ``kv_layout``, the one definition)."""
+    from tokenmill.engine.builder import kv_layout
+
+    return kv_layout(loaded.config, str(loaded.dtype).removeprefix("torch."), block_size)
